@@ -1,0 +1,167 @@
+"""The `pipeline` command line: parse, load config, call launch. Nothing else.
+
+Exit codes: 0 done; 1 training failed; 2 usage, config or input error (raised before anything starts);
+75 preempted with a committed checkpoint (requeue me).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from pipeline.config import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
+
+app = typer.Typer(
+    help="Fault-tolerant distributed training: Ray Train + DeepSpeed ZeRO + WebDataset.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Prepare and inspect WebDataset shards.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="digits | mnist5k"),
+    out: Path = typer.Option(..., "--out", help="directory to write shards + MANIFEST.json into"),
+    samples_per_shard: int = typer.Option(128, "--samples-per-shard", help="samples per tar shard"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="fraction held out (stratified)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out"),
+) -> None:
+    """Write a real dataset as WebDataset tar shards with a MANIFEST (counts + sha256)."""
+    from pipeline.data import shards, sources
+
+    try:
+        src = sources.load_source(source)
+        manifest = shards.write_prepared(
+            src,
+            out,
+            samples_per_shard=samples_per_shard,
+            val_fraction=val_fraction,
+            seed=seed,
+            overwrite=overwrite,
+        )
+    except ConfigError as e:
+        _fail(str(e))
+    for split, info in manifest["splits"].items():
+        typer.echo(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    typer.echo(f"wrote {out}/MANIFEST.json ({manifest['source']}, shape {manifest['sample_shape']})")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    directory: Path = typer.Argument(..., help="a directory written by `pipeline data prepare`"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="skip sha256 and sample counts"),
+) -> None:
+    """Print a prepared dataset's counts, classes and shards; verify checksums (exit 2 if bad)."""
+    from pipeline.data import shards
+
+    try:
+        manifest = shards.read_manifest(directory)
+        problems = shards.inspect_prepared(directory, verify=not no_verify)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(
+        f"source {manifest['source']}, seed {manifest['seed']}, sample shape {manifest['sample_shape']}"
+    )
+    typer.echo(f"classes ({manifest['num_classes']}): {', '.join(manifest['classes'])}")
+    for split, info in manifest["splits"].items():
+        total = sum(s["bytes"] for s in info["shards"])
+        typer.echo(
+            f"{split}: {info['samples']} samples, {len(info['shards'])} shard(s), {total / 1e6:.2f} MB"
+        )
+    if problems:
+        for p in problems:
+            typer.echo(f"  BAD {p}", err=True)
+        _fail(f"{len(problems)} problem(s) in {directory}; re-run `pipeline data prepare`")
+    typer.echo("all shards verified" if not no_verify else "sizes checked (sha256 skipped)")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Path = typer.Argument(..., help="run YAML, e.g. configs/smoke.yaml"),
+    overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. optim.lr=3e-4"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config YAML"),
+) -> None:
+    """Train: validate everything, then run the workers (Ray by default) to train.max_steps."""
+    from pipeline import config as config_mod
+    from pipeline.launch.plan import make_plan
+
+    try:
+        cfg = config_mod.load(config, overrides or [])
+        plan = make_plan(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    if print_config or dry_run:
+        typer.echo(config_mod.dump_yaml(plan.cfg).rstrip())
+    if dry_run:
+        typer.echo("--- plan (dry run: nothing started, nothing written)")
+        typer.echo(plan.describe())
+        return
+    from pipeline import launch
+
+    typer.echo(plan.describe())
+    try:
+        final = launch.train(plan)
+    except launch.TrainingFailed as e:
+        _fail(f"training failed: {e}", EXIT_FAILED)
+    except ConfigError as e:
+        _fail(str(e))
+    accuracy = final.get("eval/accuracy")
+    typer.echo(
+        f"final step {final.get('step')}: "
+        + ", ".join(
+            f"{k} {v:.4f}" for k, v in final.items() if k.startswith("eval/") and isinstance(v, float)
+        )
+    )
+    if accuracy is not None:
+        typer.echo(f"final validation accuracy: {accuracy:.4f}")
+    if "checkpoint" in final:
+        typer.echo(f"checkpoint: {final['checkpoint']}")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint dir (step_XXXXXXXX) or a run dir (newest)"),
+    out: Path = typer.Option(..., "--out", help="output file: a torch state_dict (+ FILE.json metadata)"),
+    engine: str = typer.Option("model", "--engine", help="which engine of the checkpoint"),
+) -> None:
+    """Write consolidated fp32 weights that load into the plain nn.Module without DeepSpeed."""
+    from pipeline.checkpoint import commit, export
+
+    try:
+        ckpt = checkpoint
+        if not (checkpoint / commit.MANIFEST).is_file():
+            found = commit.committed(checkpoint / "checkpoints") or commit.committed(checkpoint)
+            if not found:
+                raise commit.CheckpointError(f"{checkpoint} is neither a checkpoint nor a run dir with one")
+            ckpt = found[-1]
+        meta = export.export(ckpt, out, engine)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"exported {ckpt} (step {meta['step']}) -> {out}")
+    typer.echo(json.dumps(meta["model"]))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The checkpoint commit protocol.
+
+    checkpoints/step_00000100/
+        engines/<name>/...        DeepSpeed save dir of each engine (tag "state"; ZeRO partitions per rank)
+        trainer_state.json        the TrainState
+        MANIFEST.json             written last: every file's size and sha256, the model and ZeRO layout
+
+Every rank writes its part into `.tmp-step_XXXXXXXX`; once all have (barrier), rank 0 hashes, fsyncs and
+renames the directory to `step_XXXXXXXX`. A directory named `step_*` with a verifying MANIFEST is
+therefore complete; anything else is debris from an interrupted save, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.config import ConfigError
+
+MANIFEST = "MANIFEST.json"
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "state"
+FORMAT = "pipeline-checkpoint/1"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, incomplete or corrupt (exit 2 when the user named it)."""
+
+
+class SavesItself(Protocol):
+    name: str
+
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any] | None = None) -> None: ...
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def save(
+    engines: Iterable[SavesItself],
+    state: dict[str, Any],
+    root: Path,
+    step: int,
+    *,
+    is_rank0: bool,
+    barrier: Callable[[], None],
+    metadata: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Collective: all ranks call it. Returns the committed directory."""
+    root = Path(root)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    final = root / step_dir_name(step)
+    if is_rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
+        tmp.mkdir()
+    barrier()  # the directory exists before any rank writes into it
+    engine_names = []
+    for engine in engines:
+        engine.save(tmp / "engines" / engine.name, ENGINE_TAG)
+        engine_names.append(engine.name)
+    barrier()  # every rank's partitions are written before rank 0 hashes and commits
+    if is_rank0:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "engines": engine_names,
+            "engine_tag": ENGINE_TAG,
+            **metadata,
+            "files": _file_table(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_tree_dir(root)
+        apply_retention(root, keep_last)
+    barrier()  # nobody proceeds (or exits) before the commit is visible
+    return final
+
+
+def _fsync_tree_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint dirs (with a MANIFEST), oldest first. Verification is separate."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
+
+
+def apply_retention(root: Path, keep_last: int) -> None:
+    for old in committed(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a committed checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """Check every file against the MANIFEST; raise CheckpointError naming the first bad file."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    for rel, expected in manifest["files"].items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: file {rel} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: file {rel} has {path.stat().st_size} bytes, expected {expected['bytes']}"
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt}: file {rel} does not match its sha256 (corrupt)")
+    return manifest
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())

@@ -1,0 +1,62 @@
+"""Export a committed checkpoint to consolidated fp32 weights that load without DeepSpeed.
+
+FILE        torch.save(state_dict): `model.load_state_dict(torch.load(FILE), strict=True)`
+FILE.json   what built the model: registry name, args, input shape, classes, source checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint.commit import CheckpointError, verify
+
+
+def consolidated_state_dict(ckpt: Path, engine: str = "model") -> dict[str, torch.Tensor]:
+    """Gather the full fp32 weights (+ buffers) of one engine from a ZeRO 0-3 checkpoint."""
+    manifest = verify(ckpt)
+    if engine not in manifest["engines"]:
+        raise CheckpointError(f"checkpoint {ckpt} has no engine '{engine}' (it has {manifest['engines']})")
+    ds_dir = Path(ckpt) / "engines" / engine
+    tag = manifest["engine_tag"]
+    if manifest["zero_stage"] == 0:
+        # Without ZeRO, the model-states file holds the whole module (fp32 master weights with autocast).
+        states = torch.load(
+            ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
+        state_dict = states["module"]
+    else:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # ZeRO 1-3 partition the fp32 master weights over ranks: DeepSpeed's reader merges them.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def export(ckpt: Path, out: Path, engine: str = "model") -> dict[str, Any]:
+    state_dict = consolidated_state_dict(ckpt, engine)
+    manifest = verify(ckpt)
+    meta = {
+        "format": "pipeline-weights/1",
+        "engine": engine,
+        "checkpoint": str(Path(ckpt).resolve()),
+        "step": manifest["step"],
+        "model": manifest.get("model", {}),
+        "data": manifest.get("data", {}),
+        "precision": manifest.get("precision"),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an existing export is never half-overwritten.
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, out)
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

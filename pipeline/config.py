@@ -1,0 +1,270 @@
+"""The typed config tree: YAML + dotted ``key=value`` overrides, validated once.
+
+Every component receives only its slice (``cfg.data``, ``cfg.optim`` ...). Errors are
+``ConfigError`` and name the dotted key; the CLI turns them into exit code 2 before anything
+starts (no Ray, no W&B, no run dir).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the config, overrides or inputs: exit code 2."""
+
+
+class Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str = Field(description="dir written by `pipeline data prepare`, or shard URLs (brace patterns)")
+    val: str | None = Field(None, description="val shards; defaults to the prepared dir's val split")
+    batch_size: int = Field(64, gt=0, description="samples per worker per micro-step")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples in the in-memory shuffle buffer")
+    on_error: Literal["strict", "skip"] = "strict"
+    ledger: bool = False
+
+
+class ModelConfig(Section):
+    name: str = "cnn"
+    args: dict[str, Any] = Field(default_factory=dict, description="constructor arguments of the model")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    nesterov: bool = False
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of optim.lr")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping")
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0: cpus_per_worker")
+
+
+class ZeroConfig(Section):
+    stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class CheckpointConfig(Section):
+    dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_last: int = Field(3, gt=0)
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled", "auto"] = "auto"
+    project: str = "pipeline"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class ClusterConfig(Section):
+    launcher: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train workers; local: torch.multiprocessing, no Ray (debugging)"
+    )
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, gt=0)
+    max_failures: int = Field(0, ge=0)
+    address: str | None = Field(None, description="existing Ray cluster; default: start one in-process")
+    node_ip: str | None = Field(None, description="address Ray nodes use; in-process default 127.0.0.2")
+    collective_timeout_s: int = Field(300, gt=0)
+
+
+class Config(Section):
+    name: str = "run"
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: Literal["classify"] = "classify"
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config, merged last")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: str = Field("auto", description="auto | never | PATH")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        if not v or "/" in v or v in {".", ".."}:
+            raise ValueError("must be a non-empty name without '/' (it names the run dir)")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        if self.precision == "fp16" and not self.cluster.use_gpu:
+            raise ValueError(
+                "precision=fp16 needs GPUs (dynamic loss scaling is a GPU feature); "
+                "use precision=bf16 on CPU, or set cluster.use_gpu=true"
+            )
+        if self.zero.offload_params and self.zero.stage != 3:
+            raise ValueError("zero.offload_params needs zero.stage=3")
+        if self.zero.offload_optimizer and self.zero.stage == 0:
+            raise ValueError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
+        if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
+            raise ValueError("optim.warmup_steps must be smaller than train.max_steps")
+        return self
+
+    # Derived values live here so every component computes them the same way.
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.resolved_run_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short hash of the resolved config (stored with checkpoints)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys whose values are free-form dicts: their sub-keys are not checked against the schema here
+# (model.args is checked against the model's constructor by the models registry).
+_FREE_FORM = {"deepspeed", "model.args"}
+
+
+def _section_fields(cls: type[BaseModel]) -> dict[str, Any]:
+    return cls.model_fields
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _check_keys(data: dict[str, Any], cls: type[BaseModel], prefix: str, source: str) -> None:
+    """Reject unknown keys with a did-you-mean, before type validation (pydantic's message lacks it)."""
+    fields = _section_fields(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            candidates = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(candidates)}"
+            raise ConfigError(f"unknown config key '{dotted}' ({source}){hint}")
+        sub = _sub_model(fields[key].annotation)
+        if sub is not None and dotted not in _FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key '{dotted}' ({source}) must be a section (mapping), got {value!r}"
+                )
+            _check_keys(value, sub, f"{dotted}.", source)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optim.lr=3e-4`` -> ("optim.lr", 3e-4); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"config key '{key}': {e['msg']}{got_text}")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config, apply dotted overrides, validate once. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded or {}
+        _check_keys(tree, Config, "", str(p))
+        source = f"{p} + overrides" if overrides else str(p)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_keys(_nest(key, value), Config, "", f"override '{text}'")
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _set_dotted(out, dotted, value)
+    return out
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config (e.g. the resolved one shipped to workers)."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, "dict")) from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,166 @@
+"""Build DeepSpeed engines from config slices: the only deepspeed import of the training path.
+
+One `Engine` wraps one `deepspeed.DeepSpeedEngine` (model + optimizer + LR schedule + ZeRO state).
+Multi-model tasks (GANs) build several, each from its own slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import OptimConfig, TrainConfig, ZeroConfig
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    train: TrainConfig,
+    precision: str,
+    zero: ZeroConfig,
+    raw: dict[str, Any],
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config; `raw` (the `deepspeed` section) is merged last, for experts."""
+    zero_section: dict[str, Any] = {"stage": zero.stage}
+    if zero.stage >= 2:
+        # overlap_comm only helps with a real interconnect; on gloo/CPU it just adds buffers.
+        zero_section |= {"overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
+    if zero.offload_optimizer:
+        zero_section["offload_optimizer"] = {"device": "cpu"}
+    if zero.offload_params:
+        zero_section["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.clip_grad_norm,
+        "zero_optimization": zero_section,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if zero.offload_optimizer:
+        # We pass our own torch optimizer; DeepSpeed would otherwise insist on its CPU Adam.
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if precision == "bf16":
+        # Mixed precision as autocast: fp32 master weights and BatchNorm statistics, bf16 compute.
+        # DeepSpeed's "bf16" section casts the parameters but not BatchNorm buffers, which then fails
+        # on CPU (`expected scalar type BFloat16 but found Float`; see ENVIRONMENT.md).
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return _merge(cfg, raw)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices/kernels only, not on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=optim.lr, betas=optim.betas)
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """LR multiplier at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+
+@dataclass
+class Engine:
+    """A named DeepSpeed engine. Call it like the module; `backward` + `step` once per micro-batch."""
+
+    name: str
+    ds: Any  # deepspeed.DeepSpeedEngine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        # DeepSpeed only updates on the gradient-accumulation boundary; the LR schedule steps with it.
+        self.ds.step()
+
+    def lr(self) -> list[float]:
+        return [group["lr"] for group in self.ds.optimizer.param_groups]
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any] | None = None) -> None:
+        """Collective: every rank writes its part (ZeRO partitions) under directory/tag."""
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
+
+
+def build_engine(
+    name: str,
+    model: nn.Module,
+    *,
+    optim: OptimConfig,
+    train: TrainConfig,
+    precision: str,
+    zero: ZeroConfig,
+    raw: dict[str, Any],
+    micro_batch_size: int,
+) -> Engine:
+    """Collective: every rank must call it in the same order (DeepSpeed broadcasts/partitions here)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # heavy: imported where it is used
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO calls a torch API that torch deprecates; the warning is not actionable for users.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
+    config = deepspeed_config(
+        micro_batch_size=micro_batch_size, train=train, precision=precision, zero=zero, raw=raw
+    )
+    optimizer = make_optimizer(param_groups(model, optim.weight_decay), optim)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, train.max_steps))
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
+    )
+    return Engine(name=name, ds=ds_engine)

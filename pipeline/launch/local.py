@@ -1,0 +1,87 @@
+"""Run the loop in N local processes with torch.distributed (gloo/nccl), no Ray.
+
+For laptops, debugging and the dist test tier; `cluster.launcher=local`. No automatic restarts here:
+that is what the Ray launcher is for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline import config as config_mod
+from pipeline.data.shards import DataSpec
+from pipeline.launch.plan import TrainingFailed
+from pipeline.train import loop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], results: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    cfg = config_mod.from_dict(payload["config"])
+    use_cuda = cfg.cluster.use_gpu and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
+    )
+    try:
+        env = loop.WorkerEnv(
+            rank=rank,
+            world_size=world_size,
+            local_rank=rank,
+            device=f"cuda:{rank}" if use_cuda else "cpu",
+            run_id=payload["run_id"],
+        )
+        final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env)
+        if rank == 0:
+            results.put(("ok", final))
+    except BaseException:
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run(payload: dict[str, Any], world_size: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    try:
+        mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), payload, results),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessRaisedException as e:
+        raise TrainingFailed(str(e)) from None
+    except mp.ProcessExitedException as e:
+        raise TrainingFailed(f"a worker died: {e}") from None
+    while not results.empty():
+        status, value = results.get()
+        if status == "ok":
+            return value
+    raise TrainingFailed("rank 0 finished without a result")

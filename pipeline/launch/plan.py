@@ -1,0 +1,111 @@
+"""Preflight: everything checked and resolved before any process, Ray node or run dir exists.
+
+`make_plan` turns a loaded Config into a Plan (data resolved to absolute shard paths, model args
+checked, shards per worker, steps); a failure here is a ConfigError: exit 2, nothing started.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline import models
+from pipeline.config import Config
+from pipeline.data import shards
+from pipeline.data.stream import check_shard_count, readers_needed
+
+
+class TrainingFailed(RuntimeError):
+    """Training started and failed (after Ray's retries): exit 1."""
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    spec: shards.DataSpec
+    params_trainable: int
+    params_frozen: int
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.cluster.num_workers
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world_size
+
+    def shards_per_worker(self) -> list[int]:
+        n = len(self.spec.train_urls)
+        return [len(range(rank, n, self.world_size)) for rank in range(self.world_size)]
+
+    def describe(self) -> str:
+        cfg, spec = self.cfg, self.spec
+        epochs = ""
+        if spec.train_samples:
+            epochs = f" (~{cfg.train.max_steps * self.samples_per_step / spec.train_samples:.1f} epochs)"
+        lines = [
+            f"run dir       {cfg.resolved_run_dir}",
+            f"launcher      {cfg.cluster.launcher}, {self.world_size} worker(s) x "
+            f"{cfg.cluster.cpus_per_worker} CPU{', GPU' if cfg.cluster.use_gpu else ''}"
+            f"{', cluster ' + cfg.cluster.address if cfg.cluster.address else ''}",
+            f"model         {cfg.model.name} {cfg.model.args or ''}: {self.params_trainable:,} trainable, "
+            f"{self.params_frozen:,} frozen parameters",
+            f"precision     {cfg.precision}, ZeRO stage {cfg.zero.stage}"
+            f"{' + optimizer offload' if cfg.zero.offload_optimizer else ''}"
+            f"{' + param offload' if cfg.zero.offload_params else ''}",
+            f"optimizer     {cfg.optim.name} lr={cfg.optim.lr:g} wd={cfg.optim.weight_decay:g} "
+            f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_steps} warmup steps",
+            f"data          {len(spec.train_urls)} train shard(s) ({spec.train_samples or '?'} samples), "
+            f"{len(spec.val_urls)} val shard(s) ({spec.val_samples or '?'} samples), "
+            f"input {tuple(spec.sample_shape)}, {spec.num_classes} classes",
+            f"shards/worker {self.shards_per_worker()} "
+            f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
+            f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
+            f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
+            f"eval          every {cfg.train.eval_every or 'end'}; checkpoint every "
+            f"{cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep_last}) in {cfg.checkpoint_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def _absolute(cfg: Config) -> Config:
+    """Workers may run in another cwd (Ray): ship absolute local paths."""
+    tree = cfg.to_dict()
+    tree["run_dir"] = str(cfg.resolved_run_dir.resolve())
+    if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
+        tree["checkpoint"]["dir"] = str(Path(cfg.checkpoint.dir).resolve())
+    for key in ("train", "val"):
+        value = tree["data"][key]
+        if value and "://" not in value and not value.startswith("pipe:"):
+            tree["data"][key] = os.path.abspath(value)
+    return config_mod.from_dict(tree)
+
+
+def make_plan(cfg: Config) -> Plan:
+    cfg = _absolute(cfg)
+    spec = shards.resolve(cfg.data.train, cfg.data.val)
+    check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
+    model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
+    trainable, frozen = models.count_parameters(model)
+    return Plan(cfg=cfg, spec=spec, params_trainable=trainable, params_frozen=frozen)
+
+
+def prepare_run_dir(plan: Plan) -> Path:
+    """Create the run dir and write the resolved config (the first side effect of `pipeline train`)."""
+    run_dir = plan.cfg.resolved_run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_mod.dump_yaml(plan.cfg))
+    return run_dir
+
+
+def worker_payload(plan: Plan, run_id: str) -> dict[str, Any]:
+    """What each worker receives: plain dicts, cheap to pickle and identical on every rank."""
+    return {
+        "config": plan.cfg.to_dict(),
+        "spec": plan.spec.to_dict(),
+        "run_id": run_id,
+        "readers": readers_needed(plan.world_size, plan.cfg.data.num_workers),
+    }

@@ -1,0 +1,1 @@
+"""Tasks: how a batch becomes losses and metrics (pure torch, no framework imports)."""

@@ -1,0 +1,171 @@
+"""Where metrics and lifecycle events go: metrics.jsonl, events.jsonl, a progress display, and W&B.
+
+The only wandb import. Only rank 0 tracks (`make_tracker(is_rank0=False)` returns a no-op tracker), so
+a run never shows up once per worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import WandbConfig
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes, so a crash loses at most the current line."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=float) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """step/total, loss, samples/s and ETA. Redraws one line on a terminal; plain lines otherwise.
+
+    Hand-written (a dozen lines) because rich/tqdm bars are useless where we mostly run: in Ray
+    workers and Slurm jobs, stdout is a pipe or a file.
+    """
+
+    def __init__(self, total_steps: int, stream: Any = None) -> None:
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start_time = time.monotonic()
+        self.start_step: int | None = None
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self.start_step is None:
+            self.start_step, self.start_time = step - 1, now - 1e-9
+        done = step - self.start_step
+        eta = (now - self.start_time) / max(done, 1) * (self.total_steps - step)
+        parts = [f"step {step}/{self.total_steps}"]
+        for key in ("train/loss", "eval/loss", "eval/accuracy"):
+            if key in metrics:
+                parts.append(f"{key.split('/')[-1] if key.startswith('train') else key} {metrics[key]:.4f}")
+        if "train/samples_per_s" in metrics:
+            parts.append(f"{metrics['train/samples_per_s']:.0f} samples/s")
+        parts.append(f"ETA {_format_duration(eta)}")
+        line = " | ".join(parts)
+        if self.interactive:
+            self.stream.write("\r\033[K" + line + ("\n" if step >= self.total_steps else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def resolve_wandb_mode(cfg: WandbConfig) -> str:
+    """`auto`: online with an API key, otherwise offline (a laptop run never blocks on a login).
+    WANDB_MODE in the environment wins, as W&B users expect."""
+    env = os.environ.get("WANDB_MODE")
+    if env in {"online", "offline", "disabled"}:
+        return env
+    if env == "dryrun":
+        return "offline"
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class Tracker:
+    """Rank 0's sinks. `log` for metrics at a step, `event` for lifecycle records."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        wandb_cfg: WandbConfig,
+        config: dict[str, Any],
+        run_id: str,
+        name: str,
+    ) -> None:
+        self.run_dir = run_dir
+        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        self.events = JsonlWriter(run_dir / "events.jsonl")
+        self.progress = Progress(total_steps)
+        self.wandb_mode = resolve_wandb_mode(wandb_cfg)
+        self._wandb = None
+        if self.wandb_mode != "disabled":
+            import wandb  # heavy: only when W&B is on
+
+            self._wandb = wandb.init(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                tags=wandb_cfg.tags or None,
+                name=name,
+                id=run_id,
+                resume="allow",
+                mode=self.wandb_mode,
+                dir=str(run_dir),
+                config=config,
+            )
+
+    def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        record = {"step": step, "time": time.time(), **metrics}
+        self.metrics.write(record)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if show:
+            self.progress.update(step, metrics)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.write({"event": kind, "time": time.time(), **fields})
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        if self._wandb is not None:
+            if summary:
+                self._wandb.summary.update(summary)
+            run_dir = getattr(self._wandb, "dir", None)
+            self._wandb.finish()
+            if self.wandb_mode == "offline" and run_dir:
+                print(f"W&B offline run saved; upload it with: wandb sync {Path(run_dir).parent}")
+        self.metrics.close()
+        self.events.close()
+
+
+class NullTracker:
+    """What every rank but 0 gets: the loop calls it unconditionally, nothing happens."""
+
+    def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        pass
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        pass
+
+
+def make_tracker(
+    is_rank0: bool,
+    run_dir: Path,
+    total_steps: int,
+    wandb_cfg: WandbConfig,
+    config: dict[str, Any],
+    run_id: str,
+    name: str,
+) -> Tracker | NullTracker:
+    if not is_rank0:
+        return NullTracker()
+    return Tracker(run_dir, total_steps, wandb_cfg, config, run_id, name)

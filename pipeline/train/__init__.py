@@ -1,0 +1,1 @@
+"""The training loop (loop.py) and what survives preemption (state.py)."""

@@ -1,0 +1,29 @@
+"""TrainState: everything besides the engines that a resumed run needs, as one explicit object."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    samples_seen: int = 0  # across all workers
+    run_id: str = field(default_factory=new_run_id)  # the tracking (W&B) run id, kept across resumes
+    config_digest: str = ""
+    world_size: int = 1
+    best: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
