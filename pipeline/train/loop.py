@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,8 +56,24 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     return t
 
 
+def average_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Average floating buffers (BatchNorm running statistics) over ranks.
+
+    DeepSpeed, unlike DDP, never syncs buffers, so each rank's BatchNorm statistics drift apart from
+    its own shards. Averaging them before eval and save makes eval, the checkpoint and the exported
+    model agree (timm's `distribute_bn(reduce=True)` does the same). Collective: all ranks call it.
+    """
+    if not dist.is_initialized() or world_size == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world_size)
+
+
 def evaluate(engine: Engine, spec: DataSpec, cfg: Config, env: WorkerEnv) -> dict[str, float]:
     """One pass over the val shards, split across ranks; sums are all-reduced."""
+    average_buffers(engine.module, env.world_size)
     engine.train(False)
     sums = torch.zeros(3, device=env.device)
     batches = iter(eval_loader(spec, cfg.data, env.rank, env.world_size))
@@ -179,6 +194,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv) -> dict[str, Any]:
             window_start = time.perf_counter()  # eval time is not training throughput
 
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps:
+            average_buffers(engine.module, env.world_size)  # the saved statistics are every rank's
             path = commit.save(
                 [engine],
                 state.to_dict(),
@@ -205,7 +221,3 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv) -> dict[str, Any]:
     tracker.event("finish", step=state.step)
     tracker.close(summary=final)
     return final
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return cfg.checkpoint_dir

@@ -1,0 +1,74 @@
+import itertools
+
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.config import ConfigError, OptimConfig, TrainConfig, ZeroConfig
+from pipeline.engine import deepspeed_config, lr_factor, param_groups
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_models_adapt_to_the_input_shape(name, shape):
+    model = models.build(name, {"activation": "gelu", "dropout": 0.2}, shape, 10)
+    out = model(torch.randn(4, *shape))
+    assert out.shape == (4, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu", "silu", "tanh"])
+def test_every_activation_builds(activation):
+    model = models.build("cnn", {"activation": activation, "channels": [4, 8]}, (1, 8, 8), 3)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_model_arg_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"model\.args\.chanels.*did you mean 'model\.args\.channels'"):
+        models.check_args("cnn", {"chanels": [8]})
+    with pytest.raises(ConfigError, match=r"'model\.name'.*did you mean 'cnn'"):
+        models.check_args("cnnn", {})
+    with pytest.raises(ConfigError, match=r"model\.args\.activation"):
+        models.check_args("mlp", {"activation": "swish2"})
+    with pytest.raises(ConfigError, match=r"model\.args\.num_classes.*taken from the data"):
+        models.check_args("mlp", {"num_classes": 3})
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = models.build("cnn", {"channels": [4]}, (1, 8, 8), 3)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    n_params = sum(1 for _ in model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params
+
+
+def test_warmup_then_cosine_to_min_lr():
+    optim = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(s, optim, 110) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    linear = OptimConfig(lr=1.0, schedule="linear")
+    assert lr_factor(50, linear, 100) == pytest.approx(0.5)
+
+
+def test_deepspeed_config_precision_and_raw_merge():
+    train = TrainConfig(grad_accum=4, clip_grad_norm=1.0)
+    cfg = deepspeed_config(
+        micro_batch_size=8,
+        train=train,
+        precision="bf16",
+        zero=ZeroConfig(stage=3),
+        raw={"zero_optimization": {"reduce_bucket_size": 1000}},
+    )
+    assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in cfg
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 1000
+    fp32 = deepspeed_config(
+        micro_batch_size=8, train=train, precision="fp32", zero=ZeroConfig(stage=0), raw={}
+    )
+    assert "torch_autocast" not in fp32 and "fp16" not in fp32
