@@ -133,6 +133,15 @@ class Engine:
         """Collective: every rank writes its part (ZeRO partitions) under directory/tag."""
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
 
+    def load(self, directory: Path, tag: str) -> None:
+        """Collective: restores module, optimizer, LR schedule (and ZeRO partitions) of this rank."""
+        load_path, _ = self.ds.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        # DeepSpeed returns None instead of raising when it finds nothing: never start fresh silently.
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint '{tag}' under {directory}")
+
 
 def build_engine(
     name: str,

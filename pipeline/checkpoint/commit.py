@@ -169,5 +169,17 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
+def newest_verified(root: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest committed checkpoint whose files verify; a bad one is skipped with a warning naming
+    the bad file, falling back to the previous commit."""
+    for ckpt in reversed(committed(root)):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warn(f"skipping checkpoint {ckpt.name}: {e}")
+    return None
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / STATE_FILE).read_text())

@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], resu
             device=f"cuda:{rank}" if use_cuda else "cpu",
             run_id=payload["run_id"],
         )
-        final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env)
+        final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
         if rank == 0:
             results.put(("ok", final))
     except BaseException:

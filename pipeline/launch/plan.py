@@ -7,15 +7,17 @@ checked, shards per worker, steps); a failure here is a ConfigError: exit 2, not
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import models
-from pipeline.config import Config
+from pipeline.checkpoint import commit
+from pipeline.config import Config, ConfigError
 from pipeline.data import shards
-from pipeline.data.stream import check_shard_count, readers_needed
+from pipeline.data.stream import check_shard_count
 
 
 class TrainingFailed(RuntimeError):
@@ -28,6 +30,7 @@ class Plan:
     spec: shards.DataSpec
     params_trainable: int
     params_frozen: int
+    resume_from: Path | None = None
 
     @property
     def world_size(self) -> int:
@@ -65,6 +68,7 @@ class Plan:
             f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
             f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
             f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
+            f"resume        {f'from {self.resume_from}' if self.resume_from else 'fresh start'}",
             f"eval          every {cfg.train.eval_every or 'end'}; checkpoint every "
             f"{cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep_last}) in {cfg.checkpoint_dir}",
         ]
@@ -84,13 +88,54 @@ def _absolute(cfg: Config) -> Config:
     return config_mod.from_dict(tree)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resume_point(cfg: Config) -> Path | None:
+    """Which checkpoint `resume` means: auto (newest verified, else fresh) | never | PATH (must verify)."""
+    root = cfg.checkpoint_dir
+    if cfg.resume == "never":
+        if commit.committed(root):
+            raise ConfigError(
+                f"config key 'resume': resume=never but {root} already holds checkpoints; set another "
+                "run_dir (or name) for a fresh run, or resume=auto to continue this one"
+            )
+        return None
+    if cfg.resume == "auto":
+        ckpt = commit.newest_verified(root, warn=_warn)
+    else:
+        path = Path(cfg.resume)
+        if not (path / commit.MANIFEST).is_file():  # a run dir or checkpoints dir: its newest commit
+            found = commit.committed(path / "checkpoints") or commit.committed(path)
+            if not found:
+                raise ConfigError(f"config key 'resume': no committed checkpoint at {path}")
+            path = found[-1]
+        try:
+            commit.verify(path)
+        except commit.CheckpointError as e:
+            raise ConfigError(f"config key 'resume': {e}") from None
+        ckpt = path
+    if ckpt is not None:
+        manifest = commit.read_manifest(ckpt)
+        if manifest["world_size"] != cfg.cluster.num_workers and manifest["zero_stage"] > 0:
+            raise ConfigError(
+                f"config key 'cluster.num_workers': {ckpt} was saved by {manifest['world_size']} "
+                f"workers under ZeRO-{manifest['zero_stage']}; resuming with {cfg.cluster.num_workers} "
+                f"is not supported yet: set cluster.num_workers={manifest['world_size']}"
+            )
+    return ckpt
+
+
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
     spec = shards.resolve(cfg.data.train, cfg.data.val)
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
     trainable, frozen = models.count_parameters(model)
-    return Plan(cfg=cfg, spec=spec, params_trainable=trainable, params_frozen=frozen)
+    return Plan(
+        cfg=cfg, spec=spec, params_trainable=trainable, params_frozen=frozen, resume_from=resume_point(cfg)
+    )
 
 
 def prepare_run_dir(plan: Plan) -> Path:
@@ -107,5 +152,5 @@ def worker_payload(plan: Plan, run_id: str) -> dict[str, Any]:
         "config": plan.cfg.to_dict(),
         "spec": plan.spec.to_dict(),
         "run_id": run_id,
-        "readers": readers_needed(plan.world_size, plan.cfg.data.num_workers),
+        "resume_from": str(plan.resume_from.resolve()) if plan.resume_from else None,
     }

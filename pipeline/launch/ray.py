@@ -37,7 +37,7 @@ def _train_fn(payload: dict[str, Any]) -> None:
         device=f"cuda:{local_rank}" if use_cuda else "cpu",
         run_id=payload["run_id"],
     )
-    final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env)
+    final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
     metrics = {k: v for k, v in final.items() if v is not None}
     # Train V2 hands metrics to the driver only together with a checkpoint, so rank 0 reports a tiny
     # one: a pointer to our own committed checkpoint (the weights stay where the commit put them).

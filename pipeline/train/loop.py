@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,8 +110,9 @@ def _model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
     }
 
 
-def run(cfg: Config, spec: DataSpec, env: WorkerEnv) -> dict[str, Any]:
-    """Train to `train.max_steps`; returns the final metrics (the same on every rank)."""
+def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = None) -> dict[str, Any]:
+    """Train to `train.max_steps`, continuing from `resume_from` (a verified checkpoint) if given.
+    Returns the final metrics (the same on every rank)."""
     torch.set_num_threads(cfg.train.torch_threads or cfg.cluster.cpus_per_worker)
     run_dir = cfg.resolved_run_dir
     state = TrainState(
@@ -131,7 +133,13 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv) -> dict[str, Any]:
         raw=cfg.deepspeed,
         micro_batch_size=cfg.data.batch_size,
     )
-    torch.manual_seed(cfg.seed * 100_003 + env.rank)
+    if resume_from:
+        # TODO(data cursor): the stream restarts at its epoch 0 here; exact mid-epoch resume of the
+        # data comes with the stream cursor.
+        engine.load(Path(resume_from) / "engines" / engine.name, commit.ENGINE_TAG)
+        state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, best ...
+        state.config_digest, state.world_size = cfg.digest(), env.world_size
+    torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
 
     tracker = make_tracker(
         env.is_rank0, run_dir, cfg.train.max_steps, cfg.tracking.wandb, cfg.to_dict(), state.run_id, cfg.name
@@ -143,6 +151,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv) -> dict[str, Any]:
         precision=cfg.precision,
         run_id=state.run_id,
     )
+    if resume_from:
+        tracker.event("resume", from_step=state.step, checkpoint=resume_from)
     batches = iter(
         train_loader(
             spec, cfg.data, env.rank, env.world_size, cfg.seed, pin_memory=env.device.startswith("cuda")
