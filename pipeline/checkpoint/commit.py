@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import ConfigError
+from pipeline.files import fsync_dir, fsync_tree, sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "trainer_state.json"
@@ -41,32 +42,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -108,22 +86,14 @@ def save(
             "files": _file_table(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_tree_dir(root)
+        fsync_dir(root)
         apply_retention(root, keep_last)
     barrier()  # nobody proceeds (or exits) before the commit is visible
     return final
-
-
-def _fsync_tree_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def committed(root: Path) -> list[Path]:
@@ -164,7 +134,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {ckpt}: file {rel} has {path.stat().st_size} bytes, expected {expected['bytes']}"
             )
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {rel} does not match its sha256 (corrupt)")
     return manifest
 

@@ -1,0 +1,42 @@
+"""Pure sample -> tensor functions (no state, no I/O beyond the bytes they are given)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, C) -> PNG bytes (lossless, so a prepared dataset keeps the real pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 array (H, W) or (H, W, C). Raises ValueError on garbage."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.array(im)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    except Exception as e:  # Pillow raises several unrelated types for bad bytes
+        raise ValueError(f"undecodable image bytes ({len(data)} bytes): {e}") from e
+
+
+def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (H, W[, C]) -> float32 (C, H, W), scaled to [0, 1] then normalised per channel."""
+    array = image[:, :, None] if image.ndim == 2 else image
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def decode_label(data: bytes) -> int:
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"label is not an integer: {data[:20]!r}") from e
