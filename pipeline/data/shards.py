@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -113,7 +112,7 @@ def write_prepared(
         }
         for split, idx in (("train", train_idx), ("val", val_idx)):
             shards = _write_split(tmp, split, source, idx, samples_per_shard)
-            manifest["splits"][split] = {"samples": int(len(idx)), "shards": shards}
+            manifest["splits"][split] = {"samples": len(idx), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(tmp)  # the payload is durable before the rename makes it visible
         if out.exists():
@@ -163,8 +162,9 @@ def inspect_prepared(directory: Path, verify: bool = True) -> list[str]:
                 problems.append(f"{split}: shard {path} is missing")
                 continue
             if path.stat().st_size != shard["bytes"]:
-                problems.append(f"{split}: shard {path} has {path.stat().st_size} bytes, MANIFEST says "
-                                f"{shard['bytes']}")
+                problems.append(
+                    f"{split}: shard {path} has {path.stat().st_size} bytes, MANIFEST says {shard['bytes']}"
+                )
                 continue
             if verify and sha256_file(path) != shard["sha256"]:
                 problems.append(f"{split}: shard {path} sha256 differs from the MANIFEST (corrupt?)")
@@ -176,7 +176,9 @@ def inspect_prepared(directory: Path, verify: bool = True) -> list[str]:
                     problems.append(f"{split}: shard {path} is not a readable tar: {e}")
                     continue
                 if n != shard["samples"]:
-                    problems.append(f"{split}: shard {path} holds {n} samples, MANIFEST says {shard['samples']}")
+                    problems.append(
+                        f"{split}: shard {path} holds {n} samples, MANIFEST says {shard['samples']}"
+                    )
     return problems
 
 

@@ -14,12 +14,11 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
-from pipeline.data.shards import DataSpec, DataError
+from pipeline.data.shards import DataError, DataSpec
 from pipeline.data.transforms import decode_image, decode_label, to_tensor
 
 
@@ -106,7 +105,9 @@ class ShardStream(IterableDataset):
         shuffle = self.shuffle_buffer > 0
         epoch = 0
         while True:
-            mine = shard_order(self.urls, self.position.seed, epoch, shuffle)[rank::world][worker::num_workers]
+            mine = shard_order(self.urls, self.position.seed, epoch, shuffle)[rank::world][
+                worker::num_workers
+            ]
             samples = wds.tarfile_to_samples(handler=self._handler)(iter([{"url": u} for u in mine]))
             if shuffle:
                 rng = random.Random(f"samples/{self.position.seed}/{epoch}/{rank}/{worker}")
