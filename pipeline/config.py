@@ -27,14 +27,32 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AugmentConfig(Section):
+    crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels")
+    hflip: bool = Field(False, description="random horizontal flip (not for digits!)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+
 class DataConfig(Section):
     train: str = Field(description="dir written by `pipeline data prepare`, or shard URLs (brace patterns)")
     val: str | None = Field(None, description="val shards; defaults to the prepared dir's val split")
     batch_size: int = Field(64, gt=0, description="samples per worker per micro-step")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the in-memory shuffle buffer")
-    on_error: Literal["strict", "skip"] = "strict"
-    ledger: bool = False
+    on_error: Literal["strict", "skip"] = Field(
+        "strict", description="strict: fail on the first bad sample; skip: skip and count bad samples"
+    )
+    max_skip_fraction: float = Field(
+        0.01, ge=0, le=1, description="skip mode: abort once skipped > this x max(samples read, epoch size)"
+    )
+    ledger: bool = Field(False, description="write the sample keys each rank consumes per step")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for s3:// etc. (e.g. endpoint_url, key, secret)"
+    )
 
 
 class ModelConfig(Section):
@@ -159,7 +177,7 @@ class Config(Section):
 
 # Keys whose values are free-form dicts: their sub-keys are not checked against the schema here
 # (model.args is checked against the model's constructor by the models registry).
-_FREE_FORM = {"deepspeed", "model.args"}
+_FREE_FORM = {"deepspeed", "model.args", "data.storage_options"}
 
 
 def _section_fields(cls: type[BaseModel]) -> dict[str, Any]:

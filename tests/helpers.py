@@ -37,7 +37,7 @@ def evaluate_plain(model: torch.nn.Module, spec: shards.DataSpec, data_cfg, prec
     model.eval()
     correct = total = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for x, y in stream.eval_loader(spec, data_cfg, rank=0, world_size=1):
-            correct += int((model(x).float().argmax(1) == y).sum())
-            total += len(y)
+        for batch in stream.eval_batches(spec, data_cfg, rank=0, world_size=1):
+            correct += int((model(batch.x).float().argmax(1) == batch.y).sum())
+            total += len(batch.y)
     return correct / total

@@ -128,12 +128,29 @@ def write_prepared(
     return manifest
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
+def is_remote(location: str | Path) -> bool:
+    text = str(location)
+    return ("://" in text and not text.startswith("file://")) or text.startswith("pipe:")
+
+
+def read_manifest(directory: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The MANIFEST of a prepared directory: a local path or an fsspec URL (s3://bucket/prefix)."""
+    location = str(directory).rstrip("/")
+    path = f"{location}/{MANIFEST}"
     try:
-        manifest = json.loads(path.read_text())
+        if is_remote(location):
+            import fsspec  # only for object stores
+
+            with fsspec.open(path, "rt", **(storage_options or {})) as f:
+                text = f.read()
+        else:
+            text = Path(path.removeprefix("file://")).read_text()
     except FileNotFoundError:
         raise DataError(f"{directory} has no {MANIFEST}: write it with `pipeline data prepare`") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run `pipeline data prepare`") from None
     if manifest.get("format") != FORMAT:
@@ -188,8 +205,10 @@ class DataSpec:
 
     train_urls: list[str]
     val_urls: list[str]
-    train_samples: int | None  # None when shard URLs come without a MANIFEST
-    val_samples: int | None
+    train_samples: int
+    val_samples: int
+    train_counts: list[int]  # declared samples per shard (MANIFEST): the data cursor plans with them
+    val_counts: list[int]
     sample_shape: list[int]
     num_classes: int
     mean: list[float]
@@ -204,87 +223,110 @@ class DataSpec:
         return cls(**d)
 
 
-def _has_scheme(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
-
-
 def expand_urls(pattern: str, key: str) -> list[str]:
-    """Brace-expand a shard pattern and check local files exist (remote URLs are checked when read)."""
+    """Brace-expand a shard pattern (`dir/train-{000000..000011}.tar`; `::` joins several)."""
     import braceexpand  # a webdataset dependency
 
-    urls = []
-    for part in pattern.split("::"):  # webdataset's separator for several patterns
-        urls.extend(braceexpand.braceexpand(part.strip()))
+    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip())]
     if not urls:
         raise DataError(f"config key '{key}': '{pattern}' names no shards")
-    missing = [u for u in urls if not _has_scheme(u) and not Path(u).is_file()]
-    if missing:
-        raise DataError(
-            f"config key '{key}': {len(missing)} of {len(urls)} shard(s) not found, first: {missing[0]}. "
-            "Prepare data with `pipeline data prepare SOURCE --out DIR` and point the key at DIR."
-        )
     return urls
 
 
-def _split_urls(directory: Path, manifest: dict[str, Any], split: str, key: str) -> tuple[list[str], int]:
+def _check_local(urls: list[str], key: str, missing_ok: bool) -> None:
+    missing = [u for u in urls if not is_remote(u) and not Path(u.removeprefix("file://")).is_file()]
+    if not missing:
+        return
+    message = f"config key '{key}': {len(missing)} of {len(urls)} shard(s) not found, first: {missing[0]}"
+    if not missing_ok:
+        raise DataError(
+            f"{message}. Prepare data with `pipeline data prepare SOURCE --out DIR` and point the key at DIR "
+            "(or set data.on_error=skip to train without them)"
+        )
+    print(f"warning: {message}; data.on_error=skip: their samples will be skipped and counted")
+
+
+def _is_directory(location: str) -> bool:
+    if is_remote(location):
+        return not any(c in location for c in "{}") and not location.endswith((".tar", ".tgz", ".tar.gz"))
+    return Path(location.removeprefix("file://")).is_dir()
+
+
+@dataclass
+class _Split:
+    urls: list[str]
+    counts: list[int]
+    samples: int
+
+
+def _from_directory(
+    location: str, split: str, key: str, storage_options: dict[str, Any]
+) -> tuple[_Split, dict]:
+    manifest = read_manifest(location, storage_options)
     if split not in manifest["splits"]:
-        raise DataError(f"config key '{key}': {directory}/{MANIFEST} has no '{split}' split")
-    info = manifest["splits"][split]
-    urls = [str(directory / s["name"]) for s in info["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise DataError(
-            f"config key '{key}': shard {missing[0]} listed in {directory}/{MANIFEST} is missing; "
-            "re-run `pipeline data prepare`"
-        )
-    return urls, int(info["samples"])
+        raise DataError(f"config key '{key}': {location}/{MANIFEST} has no '{split}' split")
+    shard_list = manifest["splits"][split]["shards"]
+    urls = [f"{location.rstrip('/')}/{s['name']}" for s in shard_list]
+    counts = [int(s["samples"]) for s in shard_list]
+    return _Split(urls, counts, sum(counts)), manifest
 
 
-def resolve(train: str, val: str | None) -> DataSpec:
-    """Turn `data.train` / `data.val` into shard lists + shapes. Raises DataError naming the key."""
-    train_path = Path(train)
-    if not _has_scheme(train) and train_path.is_dir():
-        manifest = read_manifest(train_path)
-        train_urls, train_n = _split_urls(train_path, manifest, "train", "data.train")
-        if val is None:
-            val_urls, val_n = _split_urls(train_path, manifest, "val", "data.train")
-        elif Path(val).is_dir():
-            val_urls, val_n = _split_urls(Path(val), read_manifest(Path(val)), "val", "data.val")
-        else:
-            val_urls, val_n = expand_urls(val, "data.val"), None
-        return DataSpec(
-            train_urls=train_urls,
-            val_urls=val_urls,
-            train_samples=train_n,
-            val_samples=val_n,
-            sample_shape=manifest["sample_shape"],
-            num_classes=manifest["num_classes"],
-            mean=manifest["normalize"]["mean"],
-            std=manifest["normalize"]["std"],
-            classes=manifest["classes"],
-        )
-    if not _has_scheme(train) and not any(c in train for c in "{}") and not train_path.exists():
+def _from_pattern(
+    pattern: str, key: str, storage_options: dict[str, Any], missing_ok: bool
+) -> tuple[_Split, dict]:
+    """Shard URLs; their counts come from the MANIFEST in the directory of the first one."""
+    urls = expand_urls(pattern, key)
+    _check_local(urls, key, missing_ok)
+    try:
+        manifest = read_manifest(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", storage_options)
+    except DataError as e:
+        raise DataError(f"config key '{key}': {e}") from None
+    declared = {s["name"]: int(s["samples"]) for info in manifest["splits"].values() for s in info["shards"]}
+    unknown = [u for u in urls if u.rsplit("/", 1)[-1] not in declared]
+    if unknown:
         raise DataError(
-            f"config key 'data.train': {train} does not exist. Prepare data with "
-            "`pipeline data prepare SOURCE --out DIR` and set data.train=DIR"
+            f"config key '{key}': shard {unknown[0]} is not listed in the MANIFEST.json beside it; "
+            "the data cursor needs each shard's sample count"
         )
-    # Raw shard URLs: the MANIFEST next to the first local shard, if any, gives shapes and classes.
-    train_urls = expand_urls(train, "data.train")
-    first = Path(train_urls[0])
-    if _has_scheme(train_urls[0]) or not (first.parent / MANIFEST).is_file():
+    counts = [declared[u.rsplit("/", 1)[-1]] for u in urls]
+    return _Split(urls, counts, sum(counts)), manifest
+
+
+def _split(
+    location: str, split: str, key: str, storage_options: dict[str, Any], missing_ok: bool
+) -> tuple[_Split, dict]:
+    if _is_directory(location):
+        return _from_directory(location, split, key, storage_options)
+    if not is_remote(location) and not any(c in location for c in "{}") and not Path(location).exists():
         raise DataError(
-            "config key 'data.train': shard URLs without a MANIFEST.json beside them are not supported yet; "
-            "point data.train at a directory written by `pipeline data prepare`"
+            f"config key '{key}': {location} does not exist. Prepare data with "
+            f"`pipeline data prepare SOURCE --out DIR` and set {key}=DIR"
         )
-    manifest = read_manifest(first.parent)
+    return _from_pattern(location, key, storage_options, missing_ok)
+
+
+def resolve(
+    train: str, val: str | None, storage_options: dict[str, Any] | None = None, missing_ok: bool = False
+) -> DataSpec:
+    """Turn `data.train` / `data.val` (prepared dirs, local or s3://, or shard patterns) into shard
+    lists with declared counts and shapes. Raises DataError naming the key."""
+    options = storage_options or {}
+    train_split, manifest = _split(train, "train", "data.train", options, missing_ok)
     if val is None:
-        raise DataError("config key 'data.val' is required when data.train lists shard URLs")
-    val_urls = expand_urls(val, "data.val")
+        if not _is_directory(train):
+            raise DataError("config key 'data.val' is required when data.train lists shard URLs")
+        val_split, _ = _from_directory(train, "val", "data.train", options)
+    else:
+        val_split, _ = _split(val, "val", "data.val", options, missing_ok)
+    _check_local(train_split.urls, "data.train", missing_ok)
+    _check_local(val_split.urls, "data.val", missing_ok)
     return DataSpec(
-        train_urls=train_urls,
-        val_urls=val_urls,
-        train_samples=None,
-        val_samples=None,
+        train_urls=train_split.urls,
+        val_urls=val_split.urls,
+        train_samples=train_split.samples,
+        val_samples=val_split.samples,
+        train_counts=train_split.counts,
+        val_counts=val_split.counts,
         sample_shape=manifest["sample_shape"],
         num_classes=manifest["num_classes"],
         mean=manifest["normalize"]["mean"],

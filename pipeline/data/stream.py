@@ -1,25 +1,33 @@
-"""Stream WebDataset shards to (image, label) tensors: the only webdataset import.
+"""Stream WebDataset shards to batches: the only webdataset import.
 
-Split: shard order is shuffled from (seed, epoch); training worker `rank` of `world_size` takes every
-world_size-th shard, and DataLoader process `w` of `n` takes every n-th of those. We split by the ranks
-we are given instead of `wds.split_by_node`, which reads them from the environment implicitly.
+Which reader reads which sample, in which order, is planned in `cursor.py`; this module does the I/O:
+open a shard (local, brace-expanded, `pipe:`, or any fsspec URL such as `s3://`), expand the tar into
+samples with webdataset, emit a window's samples in the planned order, decode, and apply the
+corrupt-data policy. Training batches carry the position of their last sample, so the main process
+always knows the cursor of what it has *consumed* (DataLoader processes read ahead of that).
 
-The training stream is infinite (epoch after epoch), so ranks never run dry at different steps and no
-collective hangs; the number of steps is the loop's business. The eval stream is one pass.
+DataLoader round robin: with W loader processes, batch k of a rank comes from process k % W. After a
+resume, process j plays local reader (j + rotation) % W, so batches arrive in the unbroken order.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import DataConfig
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.data import cursor as cur
 from pipeline.data.shards import DataError, DataSpec
-from pipeline.data.transforms import decode_image, decode_label, to_tensor
+from pipeline.data.transforms import augment, decode_image, decode_label, to_tensor
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 def readers_needed(world_size: int, loader_workers: int) -> int:
@@ -30,129 +38,317 @@ def check_shard_count(spec: DataSpec, world_size: int, loader_workers: int) -> N
     """Fewer train shards than readers would leave a reader with nothing: fail at start, clearly."""
     needed = readers_needed(world_size, loader_workers)
     if len(spec.train_urls) < needed:
-        per_shard = ""
-        if spec.train_samples:
-            per_shard = f" (e.g. --samples-per-shard {max(1, spec.train_samples // needed)})"
+        hint = (
+            f" (e.g. --samples-per-shard {max(1, spec.train_samples // needed)})"
+            if spec.train_samples
+            else ""
+        )
         raise DataError(
             f"data.train has {len(spec.train_urls)} shard(s) but {world_size} worker(s) x "
             f"{max(1, loader_workers)} loader process(es) need at least {needed}: re-run "
-            f"`pipeline data prepare` with smaller shards{per_shard}, or lower cluster.num_workers / "
+            f"`pipeline data prepare` with smaller shards{hint}, or lower cluster.num_workers / "
             "data.num_workers"
         )
 
 
-@dataclass(frozen=True)
-class StreamPosition:
-    rank: int
-    world_size: int
+def open_shard(url: str, storage_options: dict[str, Any]) -> Any:
+    """A readable binary stream: fsspec for object stores (webdataset has no s3), gopen otherwise."""
+    if "://" in url and not url.startswith(("file://", "http://", "https://")):
+        import fsspec  # s3fs/gcsfs plug in here
+
+        return fsspec.open(url, "rb", **storage_options).open()
+    return wds.gopen(url.removeprefix("file://"), "rb")
+
+
+@dataclass
+class Bad:
+    """A sample that could not be used, with where it was and why."""
+
+    shard: str
+    key: str
+    reason: str
+
+
+def read_shard(url: str, storage_options: dict[str, Any], strict: bool) -> tuple[list[dict], str | None]:
+    """All samples of one shard in tar order, and the error that cut it short (None if it read fully).
+    In strict mode the error is raised instead, naming the shard."""
+    problem: list[str] = []
+
+    def handler(exn: Exception) -> bool:
+        if strict:
+            raise DataError(f"shard {url}: {exn}") from exn
+        problem.append(str(exn))
+        return False  # stop this shard: what follows a broken member cannot be trusted
+
+    try:
+        stream = open_shard(url, storage_options)
+    except (OSError, ValueError) as e:
+        if strict:
+            raise DataError(f"shard {url} cannot be opened: {e}") from e
+        return [], f"cannot open: {e}"
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        samples = list(wds.tariterators.group_by_keys(files, handler=handler))
+    finally:
+        stream.close()
+    return samples, (problem[0] if problem else None)
+
+
+@dataclass
+class Emitted:
+    position: tuple[int, int, int]  # (epoch, window, offset) of this sample
+    sample: dict | None  # None: could not be read (bad), see `bad`
+    bad: Bad | None = None
+
+
+def reader_samples(
+    urls: list[str],
+    layout: cur.Layout,
+    cursor: cur.Cursor,
+    reader: int,
+    storage_options: dict[str, Any],
+    strict: bool,
+    infinite: bool,
+) -> Iterator[Emitted]:
+    """Reader `reader`'s samples from its cursor position on, epoch after epoch (one epoch if finite)."""
+    start = cursor.readers[reader]
+    epoch = start.epoch
+    while True:
+        base = cursor.base(epoch)
+        groups = cur.windows(layout, cur.reader_shards(layout, epoch, base, cursor.num_readers, reader))
+        first_window = start.window if epoch == start.epoch else 0
+        for window_no in range(first_window, len(groups)):
+            window = groups[window_no]
+            refs = cur.window_refs(layout, window, base)
+            order = cur.permutation(layout, len(refs), epoch, cursor.num_readers, reader, window_no)
+            offset = start.offset if (epoch, window_no) == (start.epoch, start.window) else 0
+            if offset >= len(refs):
+                continue
+            loaded: dict[tuple[int, int], dict] = {}
+            broken: dict[int, str] = {}
+            for shard in window:
+                samples, problem = read_shard(urls[shard], storage_options, strict)
+                loaded.update(((shard, i), s) for i, s in enumerate(samples))
+                if problem is not None:
+                    broken[shard] = problem
+            for pos in range(offset, len(refs)):
+                shard, index = refs[order[pos]]
+                sample = loaded.pop((shard, index), None)
+                position = (epoch, window_no, pos)
+                if sample is None:
+                    why = broken.get(
+                        shard, "sample missing from shard (fewer samples than the MANIFEST says)"
+                    )
+                    if strict:
+                        raise DataError(f"shard {urls[shard]}: sample #{index}: {why}")
+                    yield Emitted(position, None, Bad(urls[shard], f"#{index}", why))
+                else:
+                    yield Emitted(position, sample)
+        if not infinite:
+            return
+        epoch += 1
+
+
+@dataclass
+class Decoder:
+    """Encoded sample -> (x, y); raises ValueError naming shard and key."""
+
+    spec: DataSpec
+    augment_cfg: AugmentConfig | None
     seed: int
 
-
-def shard_order(urls: list[str], seed: int, epoch: int, shuffle: bool) -> list[str]:
-    if not shuffle:
-        return list(urls)
-    order = list(urls)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(order)
-    return order
+    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if image is None or "cls" not in sample:
+            raise ValueError(
+                f"sample '{key}' in shard {url} has no {'image' if image is None else 'label (.cls)'}"
+            )
+        try:
+            pixels = decode_image(image)
+            if self.augment_cfg is not None and self.augment_cfg.enabled:
+                # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
+                pixels = augment(pixels, self.augment_cfg, random.Random(f"{self.seed}/{epoch}/{key}"))
+            return to_tensor(pixels, self.spec.mean, self.spec.std), decode_label(sample["cls"])
+        except ValueError as e:
+            raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
 
 
 class ShardStream(IterableDataset):
-    """Yields (x: float32 (C,H,W), y: int64[, key]) for this rank and DataLoader process."""
+    """One rank's readers (one per DataLoader process). Yields dicts: x, y, key, meta, bad."""
 
     def __init__(
         self,
         urls: list[str],
-        spec: DataSpec,
-        position: StreamPosition,
+        layout: cur.Layout,
+        cursor: cur.Cursor,
+        rank: int,
+        decoder: Decoder,
         *,
-        shuffle_buffer: int,
-        infinite: bool,
         on_error: str,
-        with_keys: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        infinite: bool = True,
     ) -> None:
-        self.urls = urls
-        self.spec = spec
-        self.position = position
-        self.shuffle_buffer = shuffle_buffer
+        self.urls, self.layout, self.cursor, self.rank, self.decoder = urls, layout, cursor, rank, decoder
+        self.strict = on_error == "strict"
+        self.storage_options = storage_options or {}
         self.infinite = infinite
-        self.on_error = on_error
-        self.with_keys = with_keys  # also yield each sample's key (for the ledger and audits)
 
-    def _decode(self, sample: dict) -> tuple:
-        key = sample.get("__key__")
-        url = sample.get("__url__")
-        image = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if image is None or "cls" not in sample:
-            missing = "image" if image is None else "label (.cls)"
-            raise ValueError(f"sample '{key}' in shard {url} has no {missing}")
-        try:
-            x = to_tensor(decode_image(image), self.spec.mean, self.spec.std)
-            y = decode_label(sample["cls"])
-        except ValueError as e:
-            raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
-        return (x, y, key) if self.with_keys else (x, y)
-
-    def _handler(self, exn: Exception) -> bool:
-        # strict: re-raise with the shard named (webdataset appends the url to exn.args).
-        if self.on_error == "strict":
-            raise DataError(f"reading shards failed: {exn}") from exn
-        return True  # skip: accounting of skipped samples comes with the corrupt-data policy
-
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = self.position.rank, self.position.world_size
-        shuffle = self.shuffle_buffer > 0
-        epoch = 0
-        while True:
-            mine = shard_order(self.urls, self.position.seed, epoch, shuffle)[rank::world][
-                worker::num_workers
-            ]
-            samples = wds.tarfile_to_samples(handler=self._handler)(iter([{"url": u} for u in mine]))
-            if shuffle:
-                rng = random.Random(f"samples/{self.position.seed}/{epoch}/{rank}/{worker}")
-                samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-                    samples
-                )
-            for sample in samples:
+        assert num_workers == self.cursor.loader_workers, "DataLoader processes != cursor readers per rank"
+        local = (worker + self.cursor.rotation[self.rank]) % num_workers
+        reader = self.rank * num_workers + local
+        pending_bad: list[Bad] = []
+        epoch, good_in_epoch = self.cursor.readers[reader].epoch, 0
+        for item in reader_samples(
+            self.urls, self.layout, self.cursor, reader, self.storage_options, self.strict, self.infinite
+        ):
+            if item.position[0] != epoch:
+                if good_in_epoch == 0 and pending_bad:
+                    # Every sample of a whole epoch was bad: skipping on would spin forever, never yielding.
+                    raise DataError(
+                        f"no readable sample in epoch {epoch} of reader {reader}; last: {pending_bad[-1]}"
+                    )
+                epoch, good_in_epoch = item.position[0], 0
+            if item.sample is not None:
                 try:
-                    yield self._decode(sample)
+                    x, y = self.decoder(item.sample, epoch)
                 except ValueError as e:
-                    if self.on_error == "strict":
+                    if self.strict:
                         raise DataError(str(e)) from e
-            if not self.infinite:
-                return
-            epoch += 1
+                    item.bad = Bad(item.sample.get("__url__", "?"), item.sample.get("__key__", "?"), str(e))
+                else:
+                    good_in_epoch += 1
+                    meta = (reader, *item.position)
+                    yield {"x": x, "y": y, "key": item.sample["__key__"], "meta": meta, "bad": pending_bad}
+                    pending_bad = []
+                    continue
+            pending_bad.append(item.bad)
+        if pending_bad:  # finite stream ending on bad samples: report them with an empty marker
+            yield {"x": None, "y": None, "key": None, "meta": (reader, -1, -1, -1), "bad": pending_bad}
 
 
-def train_loader(
-    spec: DataSpec, cfg: DataConfig, rank: int, world_size: int, seed: int, pin_memory: bool = False
-) -> DataLoader:
-    stream = ShardStream(
-        spec.train_urls,
-        spec,
-        StreamPosition(rank, world_size, seed),
-        shuffle_buffer=cfg.shuffle_buffer,
-        infinite=True,
-        on_error=cfg.on_error,
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+    meta: tuple[int, int, int, int]  # (reader, epoch, window, offset) of the last sample
+    bad: list[Bad] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)  # epoch of each sample
+
+
+def collate(samples: list[dict]) -> Batch | None:
+    good = [s for s in samples if s["x"] is not None]
+    bad = [b for s in samples for b in s["bad"]]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], samples[-1]["meta"], bad, [])
+    return Batch(
+        x=torch.stack([s["x"] for s in good]),
+        y=torch.tensor([s["y"] for s in good], dtype=torch.long),
+        keys=[s["key"] for s in good],
+        meta=good[-1]["meta"],
+        bad=bad,
+        epochs=[s["meta"][1] for s in good],
     )
-    return DataLoader(
-        stream,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-        pin_memory=pin_memory,
-    )
 
 
-def eval_loader(spec: DataSpec, cfg: DataConfig, rank: int, world_size: int) -> DataLoader:
-    """One deterministic pass over this rank's val shards (no shuffle). A rank may get none."""
+def layout_for(spec: DataSpec, cfg: DataConfig, seed: int, split: str = "train") -> cur.Layout:
+    counts = spec.train_counts if split == "train" else spec.val_counts
+    if split == "train":
+        return cur.Layout(tuple(counts), seed, cfg.shuffle_buffer > 0, cfg.shuffle_buffer)
+    return cur.Layout(tuple(counts), 0, False, 0)
+
+
+class TrainBatches:
+    """A rank's training batches, with the cursor of what this rank has consumed (`local_state`)."""
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        cursor: cur.Cursor | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.layout = layout_for(spec, cfg, seed)
+        if cursor is None:
+            cursor = cur.Cursor.fresh(world_size, cfg.num_workers)
+        # Resuming with another world size or loader count: recompute what is left of the open epochs.
+        self.cursor = cur.remap(self.layout, cursor, world_size, cfg.num_workers)
+        self.rank, self.world_size = rank, world_size
+        self.workers = self.cursor.loader_workers
+        stream = ShardStream(
+            spec.train_urls,
+            self.layout,
+            self.cursor,
+            rank,
+            Decoder(spec, cfg.augment, seed),
+            on_error=cfg.on_error,
+            storage_options=cfg.storage_options,
+        )
+        self.loader = DataLoader(
+            stream,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=pin_memory,
+        )
+        self._iter = iter(self.loader)
+        mine = range(rank * self.workers, (rank + 1) * self.workers)
+        self.positions = {g: self.cursor.readers[g] for g in mine}
+        self.rotation = self.cursor.rotation[rank]
+        self.wait_s = 0.0  # time spent waiting for batches (input stall)
+
+    def __next__(self) -> Batch:
+        start = time.perf_counter()
+        batch = next(self._iter)
+        self.wait_s += time.perf_counter() - start
+        reader, epoch, window, offset = batch.meta
+        self.positions[reader] = cur.Position(epoch, window, offset + 1)
+        self.rotation = (self.rotation + 1) % self.workers
+        return batch
+
+    def local_state(self) -> dict[str, Any]:
+        """This rank's part of the cursor (JSON-able), to be gathered and merged at checkpoints."""
+        return {
+            "loader_workers": self.workers,
+            "readers": [list(self.positions[g].as_tuple()) for g in sorted(self.positions)],
+            "rotation": self.rotation,
+            "bases": {str(e): b.to_dict() for e, b in self.cursor.bases.items()},
+        }
+
+    @property
+    def epoch(self) -> int:
+        return min(p.epoch for p in self.positions.values())
+
+    def close(self) -> None:
+        """Stop the DataLoader processes now (they would otherwise live until garbage collection)."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def eval_batches(spec: DataSpec, cfg: DataConfig, rank: int, world_size: int) -> Iterator[Batch]:
+    """One deterministic pass over this rank's val shards (no shuffle); a rank may get none."""
+    workers = min(cfg.num_workers, 1)
+    layout = layout_for(spec, cfg, 0, split="val")
+    cursor = cur.Cursor.fresh(world_size, workers)
     stream = ShardStream(
         spec.val_urls,
-        spec,
-        StreamPosition(rank, world_size, seed=0),
-        shuffle_buffer=0,
-        infinite=False,
+        layout,
+        cursor,
+        rank,
+        Decoder(spec, None, 0),
         on_error=cfg.on_error,
+        storage_options=cfg.storage_options,
+        infinite=False,
     )
-    return DataLoader(stream, batch_size=cfg.batch_size, num_workers=min(cfg.num_workers, 1))
+    for batch in DataLoader(stream, batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate):
+        if len(batch.keys):
+            yield batch

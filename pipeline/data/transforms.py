@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,3 +42,17 @@ def decode_label(data: bytes) -> int:
         return int(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"label is not an integer: {data[:20]!r}") from e
+
+
+def augment(image: np.ndarray, cfg: Any, rng: random.Random) -> np.ndarray:
+    """Random crop after zero padding, and horizontal flip; `rng` is seeded per sample by the caller."""
+    if cfg.crop_padding > 0:
+        pad = cfg.crop_padding
+        height, width = image.shape[:2]
+        widths = ((pad, pad), (pad, pad)) + (((0, 0),) if image.ndim == 3 else ())
+        padded = np.pad(image, widths)
+        top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+        image = padded[top : top + height, left : left + width]
+    if cfg.hflip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)

@@ -83,7 +83,7 @@ def _absolute(cfg: Config) -> Config:
         tree["checkpoint"]["dir"] = str(Path(cfg.checkpoint.dir).resolve())
     for key in ("train", "val"):
         value = tree["data"][key]
-        if value and "://" not in value and not value.startswith("pipe:"):
+        if value and not shards.is_remote(value):
             tree["data"][key] = os.path.abspath(value)
     return config_mod.from_dict(tree)
 
@@ -129,7 +129,9 @@ def resume_point(cfg: Config) -> Path | None:
 
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
-    spec = shards.resolve(cfg.data.train, cfg.data.val)
+    spec = shards.resolve(
+        cfg.data.train, cfg.data.val, cfg.data.storage_options, missing_ok=cfg.data.on_error == "skip"
+    )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
     trainable, frozen = models.count_parameters(model)

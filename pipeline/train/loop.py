@@ -1,8 +1,8 @@
-"""The one training loop, run by every worker: build, (resume), for step ..., eval/save/log when due.
+"""The one training loop, run by every worker: build, resume, for step ..., log/eval/save when due.
 
-Collectives every rank must reach in the same order: engine creation, the loss all-reduce at log
-steps, evaluation (every forward under ZeRO-3 gathers parameters), and checkpoint saves. Whether
-they are due depends only on `step`, which all ranks share, so no rank can skip one.
+Collectives every rank must reach in the same order: engine creation and loading, the counter
+all-reduce at log steps, evaluation (every forward under ZeRO-3 gathers parameters), and checkpoint
+saves. Whether they are due depends only on `step`, which all ranks share, so no rank can skip one.
 """
 
 from __future__ import annotations
@@ -13,17 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pipeline import models
 from pipeline.checkpoint import commit
 from pipeline.config import Config
+from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
-from pipeline.data.stream import eval_loader, train_loader
+from pipeline.data.stream import Batch, TrainBatches, eval_batches
 from pipeline.engine import Engine, build_engine
 from pipeline.tasks import classify
-from pipeline.tracking import make_tracker
+from pipeline.tracking import JsonlWriter, make_tracker
+from pipeline.train import distributed as dist
 from pipeline.train.state import TrainState
+
+
+class TooManyBadSamples(RuntimeError):
+    """data.on_error=skip, and more than data.max_skip_fraction of the data was bad (exit 1)."""
 
 
 @dataclass
@@ -46,38 +51,12 @@ def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-def average_buffers(module: torch.nn.Module, world_size: int) -> None:
-    """Average floating buffers (BatchNorm running statistics) over ranks.
-
-    DeepSpeed, unlike DDP, never syncs buffers, so each rank's BatchNorm statistics drift apart from
-    its own shards. Averaging them before eval and save makes eval, the checkpoint and the exported
-    model agree (timm's `distribute_bn(reduce=True)` does the same). Collective: all ranks call it.
-    """
-    if not dist.is_initialized() or world_size == 1:
-        return
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer.div_(world_size)
-
-
 def evaluate(engine: Engine, spec: DataSpec, cfg: Config, env: WorkerEnv) -> dict[str, float]:
     """One pass over the val shards, split across ranks; sums are all-reduced."""
-    average_buffers(engine.module, env.world_size)
+    dist.average_buffers(engine.module)
     engine.train(False)
     sums = torch.zeros(3, device=env.device)
-    batches = iter(eval_loader(spec, cfg.data, env.rank, env.world_size))
+    batches = eval_batches(spec, cfg.data, env.rank, env.world_size)
     dummy = torch.zeros(1, *spec.sample_shape, device=env.device)
     while True:
         batch = next(batches, None)
@@ -85,15 +64,50 @@ def evaluate(engine: Engine, spec: DataSpec, cfg: Config, env: WorkerEnv) -> dic
         # (parameter all-gather), so all ranks loop until none has data; a rank that ran out runs a
         # forward on a dummy input and discards it.
         has_data = torch.tensor([0.0 if batch is None else 1.0], device=env.device)
-        if _all_reduce(has_data, dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+        if dist.all_reduce(has_data, "max").item() == 0:
             break
         if batch is None:
             engine(dummy)
             continue
-        x, y = (t.to(env.device, non_blocking=True) for t in batch)
-        sums += classify.eval_sums(engine, x, y)
+        sums += classify.eval_sums(engine, batch.x.to(env.device), batch.y.to(env.device))
     engine.train(True)
-    return classify.eval_metrics(_all_reduce(sums))
+    return classify.eval_metrics(dist.all_reduce(sums))
+
+
+@dataclass
+class DataCounters:
+    """Good and bad samples since the last sync; synced (collectively) at log steps and saves."""
+
+    good: int = 0
+    bad: list = field(default_factory=list)
+
+    def sync(self, state: TrainState, tracker: Any, cfg: Config, spec: DataSpec, device: str) -> None:
+        gathered = dist.gather_objects([(b.shard, b.key, b.reason) for b in self.bad])
+        for shard, key, reason in (b for rank_bad in gathered for b in rank_bad):
+            tracker.event("skip_sample", step=state.step, shard=shard, key=key, reason=reason)
+        good = dist.all_reduce(torch.tensor([float(self.good)], device=device)).item()
+        state.samples_seen += int(good)
+        state.samples_skipped += sum(len(r) for r in gathered)
+        self.good, self.bad = 0, []
+        # Every rank sees the same totals, so all ranks stop together (no rank left in a collective).
+        budget = cfg.data.max_skip_fraction * max(
+            state.samples_seen + state.samples_skipped, spec.train_samples
+        )
+        if state.samples_skipped > budget:
+            raise TooManyBadSamples(
+                f"{state.samples_skipped} bad samples skipped, more than data.max_skip_fraction="
+                f"{cfg.data.max_skip_fraction} allows ({budget:.0f}); see skip_sample events in events.jsonl"
+            )
+
+
+def next_good_batch(batches: TrainBatches, counters: DataCounters) -> Batch:
+    """The next batch with at least one good sample (skip mode can drop a whole batch)."""
+    while True:
+        batch = next(batches)
+        counters.bad += batch.bad
+        if batch.keys:
+            counters.good += len(batch.keys)
+            return batch
 
 
 def _model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
@@ -134,10 +148,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         micro_batch_size=cfg.data.batch_size,
     )
     if resume_from:
-        # TODO(data cursor): the stream restarts at its epoch 0 here; exact mid-epoch resume of the
-        # data comes with the stream cursor.
         engine.load(Path(resume_from) / "engines" / engine.name, commit.ENGINE_TAG)
-        state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, best ...
+        state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
     torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
 
@@ -153,47 +165,57 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     )
     if resume_from:
         tracker.event("resume", from_step=state.step, checkpoint=resume_from)
-    batches = iter(
-        train_loader(
-            spec, cfg.data, env.rank, env.world_size, cfg.seed, pin_memory=env.device.startswith("cuda")
-        )
+    cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
+    batches = TrainBatches(
+        spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
     )
-    samples_per_step = cfg.data.batch_size * cfg.train.grad_accum * env.world_size
+    ledger = JsonlWriter(run_dir / "ledger" / f"rank{env.rank}.jsonl") if cfg.data.ledger else None
+    counters = DataCounters()
     final: dict[str, Any] = {}
 
     window_loss = torch.zeros((), device=env.device)
-    window_start, window_steps, window_wait_s = time.perf_counter(), 0, 0.0
+    window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
     engine.train(True)
     for step in range(state.step + 1, cfg.train.max_steps + 1):
+        step_keys: list[str] = []
         for _ in range(cfg.train.grad_accum):
-            wait_start = time.perf_counter()
-            x, y = next(batches)
-            window_wait_s += time.perf_counter() - wait_start
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            batch = next_good_batch(batches, counters)
+            step_keys += batch.keys
+            x, y = batch.x.to(env.device, non_blocking=True), batch.y.to(env.device, non_blocking=True)
             loss, _ = classify.train_step(engine, x, y)
             engine.backward(loss)
             engine.step()  # updates weights and LR on the accumulation boundary only
             window_loss += loss.detach().float()
-        state.step, state.samples_seen = step, state.samples_seen + samples_per_step
+        state.step = step
         window_steps += 1
+        if ledger is not None:
+            ledger.write({"step": step, "keys": step_keys})
 
         if due(step, cfg.train.log_every) or step == cfg.train.max_steps:
-            # The only host sync of the training step path: once per log interval.
-            mean_loss = _all_reduce(window_loss / (window_steps * cfg.train.grad_accum)) / env.world_size
+            # The only host syncs of the step path: once per log interval.
+            counters.sync(state, tracker, cfg, spec, env.device)
+            mean_loss = dist.all_reduce(window_loss / (window_steps * cfg.train.grad_accum)) / env.world_size
             elapsed_s = time.perf_counter() - window_start
             metrics = {
                 "train/loss": mean_loss.item(),
                 "train/lr": engine.lr()[0],
-                "train/samples_per_s": window_steps * samples_per_step / elapsed_s,
-                "train/data_wait_frac": window_wait_s / elapsed_s,
+                "train/samples_per_s": window_steps
+                * cfg.data.batch_size
+                * cfg.train.grad_accum
+                * env.world_size
+                / elapsed_s,
+                "train/data_wait_frac": (batches.wait_s - window_wait_s) / elapsed_s,
                 "train/samples_seen": state.samples_seen,
+                "train/epoch": batches.epoch,
             }
+            if state.samples_skipped:
+                metrics["train/samples_skipped"] = state.samples_skipped
             if (grad_norm := engine.grad_norm()) is not None:
                 metrics["train/grad_norm"] = grad_norm
             tracker.log(step, metrics)
             final.update(metrics)
             window_loss.zero_()
-            window_start, window_steps, window_wait_s = time.perf_counter(), 0, 0.0
+            window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
 
         if due(step, cfg.train.eval_every) or step == cfg.train.max_steps:
             eval_metrics = evaluate(engine, spec, cfg, env)
@@ -204,14 +226,18 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             window_start = time.perf_counter()  # eval time is not training throughput
 
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps:
-            average_buffers(engine.module, env.world_size)  # the saved statistics are every rank's
+            counters.sync(state, tracker, cfg, spec, env.device)
+            state.data_cursor = data_cursor.merge_rank_states(
+                dist.gather_objects(batches.local_state())
+            ).to_dict()
+            dist.average_buffers(engine.module)  # the saved statistics are every rank's
             path = commit.save(
                 [engine],
                 state.to_dict(),
                 cfg.checkpoint_dir,
                 step,
                 is_rank0=env.is_rank0,
-                barrier=_barrier,
+                barrier=dist.barrier,
                 metadata={
                     **_model_metadata(cfg, spec),
                     "world_size": env.world_size,
@@ -223,11 +249,16 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             final["checkpoint"] = str(path)
             window_start = time.perf_counter()
 
+    if "eval/accuracy" not in final:  # resumed a finished run: nothing trained, report where it stands
+        final.update(evaluate(engine, spec, cfg, env))
     final |= {
         "step": state.step,
         "run_id": state.run_id,
         "best/eval/accuracy": state.best.get("eval/accuracy"),
+        "samples_skipped": state.samples_skipped,
     }
-    tracker.event("finish", step=state.step)
+    tracker.event("finish", step=state.step, samples_skipped=state.samples_skipped)
     tracker.close(summary=final)
+    if ledger is not None:
+        ledger.close()
     return final

@@ -14,10 +14,12 @@ def new_run_id() -> str:
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
-    samples_seen: int = 0  # across all workers
+    samples_seen: int = 0  # good samples consumed by all workers
+    samples_skipped: int = 0  # bad samples skipped by all workers (data.on_error=skip)
     run_id: str = field(default_factory=new_run_id)  # the tracking (W&B) run id, kept across resumes
     config_digest: str = ""
     world_size: int = 1
+    data_cursor: dict[str, Any] | None = None  # pipeline.data.cursor.Cursor.to_dict() of all ranks
     best: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

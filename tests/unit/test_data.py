@@ -3,8 +3,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.data import shards, sources, stream
+from pipeline.data import shards, sources
 from pipeline.data.shards import DataError
 
 
@@ -71,76 +70,3 @@ def test_shard_urls_with_brace_pattern(digits_dir):
     )
     assert len(spec.train_urls) == 12 and len(spec.val_urls) == 3
     assert spec.sample_shape == [1, 8, 8]
-
-
-def test_split_covers_every_sample_once(digits_dir):
-    """2 ranks x 2 DataLoader processes, one epoch: every train key exactly once."""
-    from torch.utils.data import DataLoader
-
-    spec = shards.resolve(str(digits_dir), None)
-    keys = []
-    for rank in range(2):
-        ds = stream.ShardStream(
-            spec.train_urls,
-            spec,
-            stream.StreamPosition(rank, 2, seed=0),
-            shuffle_buffer=64,
-            infinite=False,
-            on_error="strict",
-            with_keys=True,
-        )
-        keys += [key for _, _, key in DataLoader(ds, batch_size=None, num_workers=2)]
-    assert len(keys) == len(set(keys)) == spec.train_samples == 1438
-
-
-def test_eval_loader_partitions_val_across_ranks(digits_dir):
-    spec = shards.resolve(str(digits_dir), None)
-    cfg = DataConfig(train=str(digits_dir), batch_size=50)
-    counts = [sum(len(y) for _, y in stream.eval_loader(spec, cfg, rank, 2)) for rank in range(2)]
-    assert sum(counts) == spec.val_samples and all(c > 0 for c in counts)
-    x, y = next(iter(stream.eval_loader(spec, cfg, 0, 2)))
-    assert x.shape == (50, 1, 8, 8) and x.dtype.is_floating_point and y.max() < 10
-    assert abs(float(x.mean())) < 0.5  # normalised with the MANIFEST's mean/std
-
-
-def test_train_stream_is_seeded_and_infinite(digits_dir):
-    spec = shards.resolve(str(digits_dir), None)
-    cfg = DataConfig(train=str(digits_dir), batch_size=64, shuffle_buffer=256)
-
-    def first_labels(seed, n_batches):
-        it = iter(stream.train_loader(spec, cfg, 0, 2, seed))
-        return [next(it)[1].tolist() for _ in range(n_batches)]
-
-    a = first_labels(0, 15)  # 15 x 64 > 719 samples of rank 0: crosses into epoch 1
-    assert a == first_labels(0, 15)
-    assert a != first_labels(1, 15)
-
-
-def test_too_few_shards_fails_with_the_number_needed(digits_dir):
-    spec = shards.resolve(str(digits_dir), None)
-    with pytest.raises(DataError, match=r"12 shard\(s\).*need at least 16.*--samples-per-shard"):
-        stream.check_shard_count(spec, world_size=4, loader_workers=4)
-    stream.check_shard_count(spec, world_size=2, loader_workers=2)
-
-
-def test_strict_policy_names_shard_and_key(tmp_path):
-    out = tmp_path / "d"
-    shards.write_prepared(
-        sources.digits(), out, samples_per_shard=400, val_fraction=0.2, seed=0, overwrite=False
-    )
-    path = out / "val-000000.tar"
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar]
-    bad_key = members[0][0].name.split(".")[0]
-    with tarfile.open(path, "w") as tar:
-        for m, payload in members:
-            if m.name == f"{bad_key}.png":
-                payload = b"not an image"
-            m.size = len(payload)
-            import io
-
-            tar.addfile(m, io.BytesIO(payload))
-    spec = shards.resolve(str(out), None)
-    cfg = DataConfig(train=str(out), batch_size=8)
-    with pytest.raises(DataError, match=rf"{bad_key}.*val-000000.tar"):
-        list(stream.eval_loader(spec, cfg, 0, 1))

@@ -1,0 +1,50 @@
+"""Collectives the loop uses, written so a single process (no process group) works too.
+
+Each function is a collective when a process group exists: every rank must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (small JSON-like objects only: pickled)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating buffers (BatchNorm running statistics) over ranks.
+
+    DeepSpeed, unlike DDP, never syncs buffers, so each rank's BatchNorm statistics drift apart on its
+    own shards. Averaging them before eval and save makes eval, the checkpoint and the exported model
+    agree (timm's `distribute_bn(reduce=True)` does the same).
+    """
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())
