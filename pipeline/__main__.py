@@ -33,9 +33,12 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="digits | mnist5k"),
+    source: str = typer.Argument(
+        ..., help="digits | mnist5k | imagefolder:PATH | npz:PATH | synthetic-images:COUNT[:HxW]"
+    ),
     out: Path = typer.Option(..., "--out", help="directory to write shards + MANIFEST.json into"),
-    samples_per_shard: int = typer.Option(128, "--samples-per-shard", help="samples per tar shard"),
+    samples_per_shard: int = typer.Option(128, "--samples-per-shard", help="max samples per tar shard"),
+    shard_size_mb: float = typer.Option(0.0, "--shard-size-mb", help="target shard size in MB (0: off)"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="fraction held out (stratified)"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out"),
@@ -49,6 +52,7 @@ def data_prepare(
             src,
             out,
             samples_per_shard=samples_per_shard,
+            shard_size_mb=shard_size_mb,
             val_fraction=val_fraction,
             seed=seed,
             overwrite=overwrite,

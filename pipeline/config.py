@@ -50,6 +50,7 @@ class DataConfig(Section):
     )
     ledger: bool = Field(False, description="write the sample keys each rank consumes per step")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] when decoding")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for s3:// etc. (e.g. endpoint_url, key, secret)"
     )

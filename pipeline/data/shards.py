@@ -25,7 +25,6 @@ import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.data.sources import Source
-from pipeline.data.transforms import encode_png
 from pipeline.files import fsync_tree, sha256_file
 
 MANIFEST = "MANIFEST.json"
@@ -46,21 +45,28 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def _write_split(
-    out: Path, split: str, source: Source, indices: np.ndarray, samples_per_shard: int
+    out: Path, split: str, source: Source, indices: np.ndarray, samples_per_shard: int, shard_bytes: int
 ) -> list[dict[str, Any]]:
-    shards = []
-    for shard_no, start in enumerate(range(0, len(indices), samples_per_shard)):
-        name = f"{split}-{shard_no:06d}.tar"
-        chunk = indices[start : start + samples_per_shard]
+    """Shards of at most `samples_per_shard` samples and (if > 0) about `shard_bytes` bytes each."""
+    shards: list[dict[str, Any]] = []
+    position = 0
+    while position < len(indices):
+        name = f"{split}-{len(shards):06d}.tar"
+        count = 0
         with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in chunk:
+            while position < len(indices) and count < samples_per_shard:
+                i = int(indices[position])
                 # The key keeps the source index, so any consumed sample can be traced to its origin.
-                key = f"{source.name}-{int(i):06d}"
-                _add_member(tar, f"{key}.png", encode_png(source.images[i]))
+                key = f"{source.name}-{i:06d}"
+                ext, payload = source.payload(i)
+                _add_member(tar, f"{key}.{ext}", payload)
                 _add_member(tar, f"{key}.cls", str(int(source.labels[i])).encode())
+                position, count = position + 1, count + 1
+                if shard_bytes and tar.offset >= shard_bytes:
+                    break
         path = out / name
         shards.append(
-            {"name": name, "samples": len(chunk), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            {"name": name, "samples": count, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
     return shards
 
@@ -79,11 +85,20 @@ def _split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 
 def write_prepared(
-    source: Source, out: Path, *, samples_per_shard: int, val_fraction: float, seed: int, overwrite: bool
+    source: Source,
+    out: Path,
+    *,
+    samples_per_shard: int = 128,
+    shard_size_mb: float = 0.0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write shards and MANIFEST into `out`, atomically: a temp dir renamed into place at the end."""
     if samples_per_shard <= 0:
         raise ConfigError("--samples-per-shard must be > 0")
+    if shard_size_mb < 0:
+        raise ConfigError("--shard-size-mb must be >= 0")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError("--val-fraction must be in [0, 1)")
     out = Path(out)
@@ -93,12 +108,7 @@ def write_prepared(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         train_idx, val_idx = _split_indices(source.labels, val_fraction, seed)
-        pixels = source.images.astype(np.float64) / 255.0
-        channel_axes = (0, 1, 2) if pixels.ndim == 4 else None
-        mean = pixels.mean(axis=channel_axes) if channel_axes else np.array([pixels.mean()])
-        std = pixels.std(axis=channel_axes) if channel_axes else np.array([pixels.std()])
-        height, width = source.images.shape[1:3]
-        channels = source.images.shape[3] if source.images.ndim == 4 else 1
+        mean, std = source.stats()
         manifest = {
             "format": FORMAT,
             "source": source.name,
@@ -106,12 +116,15 @@ def write_prepared(
             "val_fraction": val_fraction,
             "classes": source.classes,
             "num_classes": len(source.classes),
-            "sample_shape": [int(channels), int(height), int(width)],
-            "normalize": {"mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+            "class_map": {name: i for i, name in enumerate(source.classes)},
+            "kind": source.kind,
+            "channels": source.channels(),
+            "sample_shape": source.sample_shape(),  # None: sizes differ, training needs data.image_size
+            "normalize": {"mean": mean, "std": std},
             "splits": {},
         }
         for split, idx in (("train", train_idx), ("val", val_idx)):
-            shards = _write_split(tmp, split, source, idx, samples_per_shard)
+            shards = _write_split(tmp, split, source, idx, samples_per_shard, int(shard_size_mb * 1e6))
             manifest["splits"][split] = {"samples": len(idx), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(tmp)  # the payload is durable before the rename makes it visible
@@ -209,11 +222,13 @@ class DataSpec:
     val_samples: int
     train_counts: list[int]  # declared samples per shard (MANIFEST): the data cursor plans with them
     val_counts: list[int]
-    sample_shape: list[int]
+    sample_shape: list[int]  # what the model sees: (C, H, W), or the sequence shape
     num_classes: int
     mean: list[float]
     std: list[float]
     classes: list[str] = field(default_factory=list)
+    kind: str = "image"  # "image" | "sequence"
+    image_size: list[int] | None = None  # resize every image to (H, W) when decoding
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -306,7 +321,11 @@ def _split(
 
 
 def resolve(
-    train: str, val: str | None, storage_options: dict[str, Any] | None = None, missing_ok: bool = False
+    train: str,
+    val: str | None,
+    storage_options: dict[str, Any] | None = None,
+    missing_ok: bool = False,
+    image_size: list[int] | tuple[int, int] | None = None,
 ) -> DataSpec:
     """Turn `data.train` / `data.val` (prepared dirs, local or s3://, or shard patterns) into shard
     lists with declared counts and shapes. Raises DataError naming the key."""
@@ -320,6 +339,15 @@ def resolve(
         val_split, _ = _split(val, "val", "data.val", options, missing_ok)
     _check_local(train_split.urls, "data.train", missing_ok)
     _check_local(val_split.urls, "data.val", missing_ok)
+    kind = manifest.get("kind", "image")
+    shape = manifest["sample_shape"]
+    if image_size is not None and kind == "image":
+        shape = [manifest.get("channels", shape[0] if shape else 3), *image_size]
+    elif shape is None:
+        raise DataError(
+            "config key 'data.image_size': the images of data.train differ in size; set "
+            "data.image_size=[H,W] to resize them when decoding"
+        )
     return DataSpec(
         train_urls=train_split.urls,
         val_urls=val_split.urls,
@@ -327,9 +355,11 @@ def resolve(
         val_samples=val_split.samples,
         train_counts=train_split.counts,
         val_counts=val_split.counts,
-        sample_shape=manifest["sample_shape"],
+        sample_shape=shape,
         num_classes=manifest["num_classes"],
         mean=manifest["normalize"]["mean"],
         std=manifest["normalize"]["std"],
         classes=manifest["classes"],
+        kind=kind,
+        image_size=list(image_size) if image_size is not None and kind == "image" else None,
     )

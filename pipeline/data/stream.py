@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data import cursor as cur
 from pipeline.data.shards import DataError, DataSpec
-from pipeline.data.transforms import augment, decode_image, decode_label, to_tensor
+from pipeline.data.transforms import (
+    augment,
+    conform,
+    decode_array,
+    decode_image,
+    decode_label,
+    to_tensor,
+)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -159,17 +166,30 @@ class Decoder:
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
         key, url = sample.get("__key__"), sample.get("__url__")
+        if self.spec.kind == "sequence":
+            return self._sequence(sample, key, url)
         image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if image is None or "cls" not in sample:
             raise ValueError(
                 f"sample '{key}' in shard {url} has no {'image' if image is None else 'label (.cls)'}"
             )
         try:
-            pixels = decode_image(image)
+            pixels = conform(decode_image(image), self.spec.sample_shape[0], self.spec.image_size)
             if self.augment_cfg is not None and self.augment_cfg.enabled:
                 # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
                 pixels = augment(pixels, self.augment_cfg, random.Random(f"{self.seed}/{epoch}/{key}"))
             return to_tensor(pixels, self.spec.mean, self.spec.std), decode_label(sample["cls"])
+        except ValueError as e:
+            raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
+
+    def _sequence(self, sample: dict, key: str, url: str) -> tuple[torch.Tensor, int]:
+        if "npy" not in sample or "cls" not in sample:
+            raise ValueError(
+                f"sample '{key}' in shard {url} has no {'.npy' if 'npy' not in sample else 'label'}"
+            )
+        try:
+            values = torch.from_numpy(decode_array(sample["npy"]).astype("float32"))
+            return (values - self.spec.mean[0]) / self.spec.std[0], decode_label(sample["cls"])
         except ValueError as e:
             raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
 

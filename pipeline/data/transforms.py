@@ -56,3 +56,25 @@ def augment(image: np.ndarray, cfg: Any, rng: random.Random) -> np.ndarray:
     if cfg.hflip and rng.random() < 0.5:
         image = image[:, ::-1]
     return np.ascontiguousarray(image)
+
+
+def conform(image: np.ndarray, channels: int, size: list[int] | None) -> np.ndarray:
+    """Make an image (H, W[, C]) have `channels` channels and, if given, size (H, W) (bilinear)."""
+    if size is not None and tuple(image.shape[:2]) != tuple(size):
+        mode_image = Image.fromarray(image)
+        image = np.array(mode_image.resize((size[1], size[0]), Image.BILINEAR))
+    if channels == 1 and image.ndim == 3:
+        image = np.array(Image.fromarray(image[:, :, :3]).convert("L"))
+    elif channels == 3 and image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif channels == 3 and image.shape[2] == 4:  # RGBA -> RGB
+        image = image[:, :, :3]
+    return image
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """`.npy` bytes -> array. Raises ValueError on garbage (never unpickles)."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"undecodable .npy bytes ({len(data)} bytes): {e}") from e

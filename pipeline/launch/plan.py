@@ -130,7 +130,11 @@ def resume_point(cfg: Config) -> Path | None:
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
     spec = shards.resolve(
-        cfg.data.train, cfg.data.val, cfg.data.storage_options, missing_ok=cfg.data.on_error == "skip"
+        cfg.data.train,
+        cfg.data.val,
+        cfg.data.storage_options,
+        missing_ok=cfg.data.on_error == "skip",
+        image_size=cfg.data.image_size,
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
