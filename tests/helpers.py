@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import torch
 
 from pipeline.data import shards, stream
+from pipeline.data.transforms import normalize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,27 @@ def evaluate_plain(model: torch.nn.Module, spec: shards.DataSpec, data_cfg, prec
     correct = total = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for batch in stream.eval_batches(spec, data_cfg, rank=0, world_size=1):
-            correct += int((model(batch.x).float().argmax(1) == batch.y).sum())
+            x = normalize(batch.x, spec.mean, spec.std)
+            correct += int((model(x).float().argmax(1) == batch.y).sum())
             total += len(batch.y)
     return correct / total
+
+
+def rewrite_member(path, key, suffix, payload):
+    """Replace (payload bytes) or drop (payload None) one member of a shard."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == f"{key}.{suffix}":
+                if payload is None:
+                    continue
+                data = payload
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def first_key(path, n=0):
+    """The key of the n-th sample of a shard."""
+    with tarfile.open(path) as tar:
+        return [m.name.split(".")[0] for m in tar if m.name.endswith(".png")][n]

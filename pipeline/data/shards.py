@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -286,6 +287,21 @@ def _from_directory(
     return _Split(urls, counts, sum(counts)), manifest
 
 
+_SHARD_IN_URL = re.compile(r"(\S+)/([\w.-]+\.(?:tar|tgz|tar\.gz))(?:\s|$)")
+
+
+def _dir_and_name(url: str) -> tuple[str, str]:
+    """Where a shard's MANIFEST lives and the shard's file name; for `pipe:` commands, from the first
+    `.../NAME.tar` path in the command (`pipe:cat /data/train-000001.tar`)."""
+    if url.startswith("pipe:"):
+        match = _SHARD_IN_URL.search(url[len("pipe:") :])
+        if match is None:
+            raise DataError(f"cannot find a '.../NAME.tar' path in the pipe: URL {url!r}")
+        return match.group(1), match.group(2)
+    directory, _, name = url.rpartition("/")
+    return directory or ".", name
+
+
 def _from_pattern(
     pattern: str, key: str, storage_options: dict[str, Any], missing_ok: bool
 ) -> tuple[_Split, dict]:
@@ -293,17 +309,18 @@ def _from_pattern(
     urls = expand_urls(pattern, key)
     _check_local(urls, key, missing_ok)
     try:
-        manifest = read_manifest(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", storage_options)
+        manifest = read_manifest(_dir_and_name(urls[0])[0], storage_options)
     except DataError as e:
         raise DataError(f"config key '{key}': {e}") from None
     declared = {s["name"]: int(s["samples"]) for info in manifest["splits"].values() for s in info["shards"]}
-    unknown = [u for u in urls if u.rsplit("/", 1)[-1] not in declared]
+    names = [_dir_and_name(u)[1] for u in urls]
+    unknown = [u for u, name in zip(urls, names, strict=True) if name not in declared]
     if unknown:
         raise DataError(
             f"config key '{key}': shard {unknown[0]} is not listed in the MANIFEST.json beside it; "
             "the data cursor needs each shard's sample count"
         )
-    counts = [declared[u.rsplit("/", 1)[-1]] for u in urls]
+    counts = [declared[name] for name in names]
     return _Split(urls, counts, sum(counts)), manifest
 
 

@@ -137,8 +137,8 @@ class SyntheticImages(Source):
         # Smooth colour fields plus grain: JPEG sizes like photos (tens of KB), unlike pure noise.
         coarse = rng.integers(0, 256, (self.height // 16 + 1, self.width // 16 + 1, 3), dtype=np.uint8)
         image = Image.fromarray(coarse).resize((self.width, self.height), Image.BICUBIC)
-        grain = rng.normal(0, 12, (self.height, self.width, 3))
-        pixels = np.clip(np.asarray(image, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+        grain = rng.integers(-12, 13, (self.height, self.width, 3), dtype=np.int16)
+        pixels = np.clip(np.asarray(image, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
         return "jpg", buf.getvalue()

@@ -178,7 +178,7 @@ class Decoder:
             if self.augment_cfg is not None and self.augment_cfg.enabled:
                 # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
                 pixels = augment(pixels, self.augment_cfg, random.Random(f"{self.seed}/{epoch}/{key}"))
-            return to_tensor(pixels, self.spec.mean, self.spec.std), decode_label(sample["cls"])
+            return to_tensor(pixels), decode_label(sample["cls"])
         except ValueError as e:
             raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
 

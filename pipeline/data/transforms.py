@@ -28,13 +28,22 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"undecodable image bytes ({len(data)} bytes): {e}") from e
 
 
-def to_tensor(image: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (H, W[, C]) -> float32 (C, H, W), scaled to [0, 1] then normalised per channel."""
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W[, C]) -> uint8 (H, W, C) without a copy. Batches cross process boundaries as uint8
+    HWC (4x less than float32, no transposing copy per sample); `normalize` makes them float NCHW on
+    the training device."""
     array = image[:, :, None] if image.ndim == 2 else image
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (x - mean_t) / std_t
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """A uint8 image batch (N, H, W, C) -> float32 (N, C, H, W) in channels-last memory, scaled to
+    [0, 1] and normalised per channel. Other inputs (sequences, already float) pass through."""
+    if x.dtype != torch.uint8:
+        return x
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.permute(0, 3, 1, 2).float().div_(255.0) - mean_t) / std_t
 
 
 def decode_label(data: bytes) -> int:
@@ -45,17 +54,20 @@ def decode_label(data: bytes) -> int:
 
 
 def augment(image: np.ndarray, cfg: Any, rng: random.Random) -> np.ndarray:
-    """Random crop after zero padding, and horizontal flip; `rng` is seeded per sample by the caller."""
-    if cfg.crop_padding > 0:
-        pad = cfg.crop_padding
-        height, width = image.shape[:2]
-        widths = ((pad, pad), (pad, pad)) + (((0, 0),) if image.ndim == 3 else ())
-        padded = np.pad(image, widths)
-        top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
-        image = padded[top : top + height, left : left + width]
+    """Random crop after zero padding, and horizontal flip; `rng` is seeded per sample by the caller.
+    One output allocation and one copy (no padded intermediate)."""
+    pad = cfg.crop_padding
     if cfg.hflip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return np.ascontiguousarray(image)
+        image = image[:, ::-1]  # a view: the copy below does the flip
+    if pad <= 0:
+        return np.ascontiguousarray(image)
+    height, width = image.shape[:2]
+    dy, dx = rng.randint(-pad, pad), rng.randint(-pad, pad)  # crop offset relative to the image
+    out = np.zeros_like(image)
+    src_y, dst_y = slice(max(dy, 0), height + min(dy, 0)), slice(max(-dy, 0), height + min(-dy, 0))
+    src_x, dst_x = slice(max(dx, 0), width + min(dx, 0)), slice(max(-dx, 0), width + min(-dx, 0))
+    out[dst_y, dst_x] = image[src_y, src_x]
+    return out
 
 
 def conform(image: np.ndarray, channels: int, size: list[int] | None) -> np.ndarray:

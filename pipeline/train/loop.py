@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
 from pipeline.data.stream import Batch, TrainBatches, eval_batches
+from pipeline.data.transforms import normalize
 from pipeline.engine import Engine, build_engine
 from pipeline.tasks import classify
 from pipeline.tracking import JsonlWriter, make_tracker
@@ -69,7 +70,8 @@ def evaluate(engine: Engine, spec: DataSpec, cfg: Config, env: WorkerEnv) -> dic
         if batch is None:
             engine(dummy)
             continue
-        sums += classify.eval_sums(engine, batch.x.to(env.device), batch.y.to(env.device))
+        x = normalize(batch.x.to(env.device), spec.mean, spec.std)
+        sums += classify.eval_sums(engine, x, batch.y.to(env.device))
     engine.train(True)
     return classify.eval_metrics(dist.all_reduce(sums))
 
@@ -181,7 +183,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         for _ in range(cfg.train.grad_accum):
             batch = next_good_batch(batches, counters)
             step_keys += batch.keys
-            x, y = batch.x.to(env.device, non_blocking=True), batch.y.to(env.device, non_blocking=True)
+            x = normalize(batch.x.to(env.device, non_blocking=True), spec.mean, spec.std)
+            y = batch.y.to(env.device, non_blocking=True)
             loss, _ = classify.train_step(engine, x, y)
             engine.backward(loss)
             engine.step()  # updates weights and LR on the accumulation boundary only

@@ -81,7 +81,7 @@ def test_imagefolder_needs_image_size_to_train_then_resizes(image_folder, tmp_pa
     spec = shards.resolve(str(out), None, image_size=(8, 8))
     assert spec.sample_shape == [1, 8, 8]  # channels of the first image (grey); colour ones are converted
     batch = next(stream.eval_batches(spec, DataConfig(train=str(out), batch_size=5), 0, 1))
-    assert batch.x.shape == (5, 1, 8, 8)
+    assert batch.x.shape == (5, 8, 8, 1)  # uint8 HWC; normalize() makes it NCHW float on the device
 
 
 def test_npz_images_and_sequences(tmp_path):
