@@ -124,6 +124,12 @@ def train(
         _fail(f"training failed: {e}", EXIT_FAILED)
     except ConfigError as e:
         _fail(str(e))
+    if final.get("preempted"):
+        typer.echo(
+            f"preempted: checkpoint committed at step {final.get('step')} ({final.get('checkpoint')}); "
+            "re-run the same command to resume"
+        )
+        raise typer.Exit(EXIT_PREEMPTED)
     accuracy = final.get("eval/accuracy")
     typer.echo(
         f"final step {final.get('step')}: "

@@ -80,6 +80,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0: cpus_per_worker")
+    max_nonfinite_steps: int = Field(3, gt=0, description="consecutive NaN/Inf losses that abort the run")
 
 
 class ZeroConfig(Section):
@@ -92,6 +93,9 @@ class CheckpointConfig(Section):
     dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
     every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(3, gt=0)
+    max_save_failures: int = Field(
+        3, gt=0, description="consecutive failed saves (e.g. disk full) that abort"
+    )
 
 
 class WandbConfig(Section):

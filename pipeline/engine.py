@@ -133,6 +133,26 @@ class Engine:
         """Collective: every rank writes its part (ZeRO partitions) under directory/tag."""
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
 
+    def is_finite(self) -> bool:
+        """Whether this rank's trainable weights are all finite (the fp32 masters under ZeRO: what the
+        optimizer holds in its param groups). A local check; callers agree across ranks."""
+        return all(
+            bool(torch.isfinite(p).all()) for group in self.ds.optimizer.param_groups for p in group["params"]
+        )
+
+    def weights_checksum(self) -> tuple[float, float]:
+        """(sum, sum of squares) of the fp32 master weights in float64, over all ranks. Collective.
+        Independent of how ZeRO partitions them (up to float64 rounding), so it compares a run's
+        weights across a save and a resume at another world size."""
+        local = torch.zeros(2, dtype=torch.float64)
+        for group in self.ds.optimizer.param_groups:
+            for p in group["params"]:
+                flat = p.detach().double()
+                local += torch.stack([flat.sum(), (flat * flat).sum()]).cpu()
+        if self.ds.zero_optimization_stage() > 0 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local)  # partitions: each rank holds a slice
+        return float(local[0]), float(local[1])
+
     def load(self, directory: Path, tag: str) -> None:
         """Collective: restores module, optimizer, LR schedule (and ZeRO partitions) of this rank."""
         load_path, _ = self.ds.load_checkpoint(
@@ -153,8 +173,10 @@ def build_engine(
     zero: ZeroConfig,
     raw: dict[str, Any],
     micro_batch_size: int,
+    load_universal: bool = False,
 ) -> Engine:
-    """Collective: every rank must call it in the same order (DeepSpeed broadcasts/partitions here)."""
+    """Collective: every rank must call it in the same order (DeepSpeed broadcasts/partitions here).
+    `load_universal`: the checkpoint to load next is a DeepSpeed universal checkpoint (world-size change)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # heavy: imported where it is used
@@ -167,6 +189,8 @@ def build_engine(
     config = deepspeed_config(
         micro_batch_size=micro_batch_size, train=train, precision=precision, zero=zero, raw=raw
     )
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     optimizer = make_optimizer(param_groups(model, optim.weight_decay), optim)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, train.max_steps))
     ds_engine, _, _, _ = deepspeed.initialize(

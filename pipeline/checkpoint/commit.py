@@ -50,6 +50,10 @@ def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+class SaveFailed(RuntimeError):
+    """The checkpoint was not committed (disk full, I/O error, non-finite weights); nothing old was lost."""
+
+
 def save(
     engines: Iterable[SavesItself],
     state: dict[str, Any],
@@ -57,43 +61,76 @@ def save(
     step: int,
     *,
     is_rank0: bool,
-    barrier: Callable[[], None],
+    all_ok: Callable[[bool], bool],
     metadata: dict[str, Any],
     keep_last: int,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
-    """Collective: all ranks call it. Returns the committed directory."""
+    """Collective: all ranks call it. Returns the committed directory, or raises SaveFailed on every
+    rank (they agree through `all_ok`, an all-reduce of each rank's success) after removing the
+    partial write. Earlier commits are untouched either way: the rename is the only commit."""
     root = Path(root)
     tmp = root / f".tmp-{step_dir_name(step)}"
     final = root / step_dir_name(step)
-    if is_rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
-        tmp.mkdir()
-    barrier()  # the directory exists before any rank writes into it
+    error: BaseException | None = None
+
+    def phase_ok() -> bool:
+        ok = all_ok(error is None)
+        if not ok and is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return ok
+
+    try:
+        if is_rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
+            tmp.mkdir()
+    except OSError as e:
+        error = e
+    if not phase_ok():  # also: the directory exists before any rank writes into it
+        raise SaveFailed(f"cannot create {tmp}: {error or 'failed on another rank'}")
     engine_names = []
-    for engine in engines:
-        engine.save(tmp / "engines" / engine.name, ENGINE_TAG)
-        engine_names.append(engine.name)
-    barrier()  # every rank's partitions are written before rank 0 hashes and commits
-    if is_rank0:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "engines": engine_names,
-            "engine_tag": ENGINE_TAG,
-            **metadata,
-            "files": _file_table(tmp),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        apply_retention(root, keep_last)
-    barrier()  # nobody proceeds (or exits) before the commit is visible
+    try:
+        for engine in engines:
+            engine.save(tmp / "engines" / engine.name, ENGINE_TAG)
+            engine_names.append(engine.name)
+        if before_commit is not None:
+            before_commit()
+    except OSError as e:
+        error = e
+    if not phase_ok():  # every rank's partitions are written before rank 0 hashes and commits
+        raise SaveFailed(f"writing checkpoint step {step} failed: {error or 'failed on another rank'}")
+    try:
+        if is_rank0:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "engines": engine_names,
+                "engine_tag": ENGINE_TAG,
+                **metadata,
+                "files": _file_table(tmp),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            apply_retention(root, keep_last)
+    except OSError as e:
+        error = e
+    if not phase_ok():  # nobody proceeds (or exits) before the commit is visible
+        raise SaveFailed(f"committing checkpoint step {step} failed: {error or 'failed on another rank'}")
     return final
+
+
+def remove_debris(root: Path) -> list[Path]:
+    """Delete `.tmp-step_*` directories left by saves that died before their commit."""
+    debris = sorted(Path(root).glob(".tmp-step_*")) if Path(root).is_dir() else []
+    for path in debris:
+        shutil.rmtree(path, ignore_errors=True)
+    return debris
 
 
 def committed(root: Path) -> list[Path]:

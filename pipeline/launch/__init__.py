@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from pipeline.launch.plan import Plan, TrainingFailed, prepare_run_dir, worker_payload
 
 __all__ = ["Plan", "TrainingFailed", "train"]
+from pipeline.train import signals
 from pipeline.train.state import new_run_id
 
 
 def train(plan: Plan) -> dict[str, Any]:
-    """Create the run dir, then run the workers with the configured launcher. Returns final metrics."""
-    prepare_run_dir(plan)
+    """Create the run dir, then run the workers with the configured launcher. Returns final metrics
+    (`preempted` set when SIGTERM/SIGUSR1 made the workers commit and stop early)."""
+    run_dir = prepare_run_dir(plan)
     payload = worker_payload(plan, run_id=new_run_id())
-    if plan.cfg.cluster.launcher == "local":
-        from pipeline.launch import local
+    signals.clear(run_dir)  # a STOP left by an earlier preempted segment must not stop this one
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: signals.request_stop(run_dir))
+        for sig in signals.SIGNALS
+    }
+    try:
+        if plan.cfg.cluster.launcher == "local":
+            from pipeline.launch import local
 
-        return local.run(payload, plan.world_size)
-    from pipeline.launch import ray as ray_launcher
+            return local.run(payload, plan.world_size)
+        from pipeline.launch import ray as ray_launcher
 
-    return ray_launcher.run(payload)
+        return ray_launcher.run(payload)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signals.clear(run_dir)

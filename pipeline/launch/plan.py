@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,14 +117,6 @@ def resume_point(cfg: Config) -> Path | None:
         except commit.CheckpointError as e:
             raise ConfigError(f"config key 'resume': {e}") from None
         ckpt = path
-    if ckpt is not None:
-        manifest = commit.read_manifest(ckpt)
-        if manifest["world_size"] != cfg.cluster.num_workers and manifest["zero_stage"] > 0:
-            raise ConfigError(
-                f"config key 'cluster.num_workers': {ckpt} was saved by {manifest['world_size']} "
-                f"workers under ZeRO-{manifest['zero_stage']}; resuming with {cfg.cluster.num_workers} "
-                f"is not supported yet: set cluster.num_workers={manifest['world_size']}"
-            )
     return ckpt
 
 
@@ -158,5 +151,6 @@ def worker_payload(plan: Plan, run_id: str) -> dict[str, Any]:
         "config": plan.cfg.to_dict(),
         "spec": plan.spec.to_dict(),
         "run_id": run_id,
+        "launch_id": uuid.uuid4().hex,  # tells a Ray restart of the same launch from a new launch
         "resume_from": str(plan.resume_from.resolve()) if plan.resume_from else None,
     }

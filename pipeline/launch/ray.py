@@ -36,6 +36,7 @@ def _train_fn(payload: dict[str, Any]) -> None:
         local_rank=local_rank,
         device=f"cuda:{local_rank}" if use_cuda else "cpu",
         run_id=payload["run_id"],
+        extra={"launch_id": payload["launch_id"]},
     )
     final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
     metrics = {k: v for k, v in final.items() if v is not None}

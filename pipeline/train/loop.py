@@ -25,11 +25,18 @@ from pipeline.engine import Engine, build_engine
 from pipeline.tasks import classify
 from pipeline.tracking import JsonlWriter, make_tracker
 from pipeline.train import distributed as dist
+from pipeline.train import persist
+from pipeline.train.faults import Faults
+from pipeline.train.signals import StopRequest
 from pipeline.train.state import TrainState
 
 
 class TooManyBadSamples(RuntimeError):
     """data.on_error=skip, and more than data.max_skip_fraction of the data was bad (exit 1)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """train.max_nonfinite_steps steps in a row had a NaN/Inf loss (exit 1)."""
 
 
 @dataclass
@@ -126,19 +133,82 @@ def _model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
     }
 
 
+def save_checkpoint(
+    engine: Engine,
+    state: TrainState,
+    batches: TrainBatches,
+    cfg: Config,
+    spec: DataSpec,
+    env: WorkerEnv,
+    tracker: Any,
+    faults: Faults,
+) -> bool:
+    """Collective. Commit a checkpoint of everything a resume needs; False (and an event) if it failed."""
+    state.data_cursor = data_cursor.merge_rank_states(dist.gather_objects(batches.local_state())).to_dict()
+    state.rng = dist.gather_objects(persist.rng_state())
+    dist.average_buffers(engine.module)  # the saved statistics are every rank's
+    if not dist.all_true(engine.is_finite()):
+        tracker.event("checkpoint_refused", step=state.step, reason="non-finite weights")
+        return False
+    try:
+        path = commit.save(
+            [engine],
+            state.to_dict(),
+            cfg.checkpoint_dir,
+            state.step,
+            is_rank0=env.is_rank0,
+            all_ok=dist.all_true,
+            keep_last=cfg.checkpoint.keep_last,
+            metadata={
+                **_model_metadata(cfg, spec),
+                "world_size": env.world_size,
+                "config_digest": state.config_digest,
+            },
+            before_commit=lambda: faults.in_save(state.step),
+        )
+    except commit.SaveFailed as e:
+        print(f"warning: checkpoint not saved, training goes on: {e}", flush=True)
+        tracker.event("checkpoint_failed", step=state.step, error=str(e))
+        return False
+    tracker.event("checkpoint_commit", step=state.step, path=str(path), weights=engine.weights_checksum())
+    return True
+
+
+def _attempt(run_dir: Path, launch_id: str, is_rank0: bool) -> int:
+    """How many times this launch's workers have started before (Ray restarts them after a failure)."""
+    attempt = 0
+    if is_rank0 and launch_id:
+        marker = run_dir / ".launches" / launch_id
+        attempt = int(marker.read_text()) + 1 if marker.exists() else 0
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(attempt))
+    return dist.broadcast_object(attempt)
+
+
 def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = None) -> dict[str, Any]:
-    """Train to `train.max_steps`, continuing from `resume_from` (a verified checkpoint) if given.
-    Returns the final metrics (the same on every rank)."""
+    """Train to `train.max_steps`, continuing from the newest verified checkpoint (see `agree_resume_point`).
+    Returns the final metrics (the same on every rank); `preempted` is set when a stop was requested."""
     torch.set_num_threads(cfg.train.torch_threads or cfg.cluster.cpus_per_worker)
     run_dir = cfg.resolved_run_dir
     state = TrainState(
         run_id=env.run_id or TrainState().run_id, config_digest=cfg.digest(), world_size=env.world_size
     )
+    stop = StopRequest(run_dir)
+    faults = Faults(run_dir, env.rank)
+    attempt = _attempt(run_dir, env.extra.get("launch_id", ""), env.is_rank0)
+    resume_from = persist.agree_resume_point(cfg, resume_from, env.is_rank0)
+    if env.is_rank0:
+        commit.remove_debris(cfg.checkpoint_dir)  # partial saves of a run that died mid-write
 
     # Same seed on every rank for the initial weights (ZeRO-3 partitions each rank's own copy),
     # then a per-rank seed so dropout masks differ between ranks.
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
+    load_dir, load_tag, universal = (
+        persist.prepare_engine_load(resume_from, env.world_size, "model", env.is_rank0)
+        if resume_from
+        else (None, None, False)
+    )
     engine = build_engine(
         "model",
         model,
@@ -148,12 +218,17 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         zero=cfg.zero,
         raw=cfg.deepspeed,
         micro_batch_size=cfg.data.batch_size,
+        load_universal=universal,
     )
+    torch.manual_seed(cfg.seed * 100_003 + env.rank)
     if resume_from:
-        engine.load(Path(resume_from) / "engines" / engine.name, commit.ENGINE_TAG)
-        state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor ...
+        engine.load(load_dir, load_tag)
+        state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
+        if len(state.rng) == env.world_size:
+            persist.restore_rng(state.rng[env.rank])
+        else:  # another world size: per-rank streams cannot carry over; reseed from the step
+            torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
         state.config_digest, state.world_size = cfg.digest(), env.world_size
-    torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
 
     tracker = make_tracker(
         env.is_rank0, run_dir, cfg.train.max_steps, cfg.tracking.wandb, cfg.to_dict(), state.run_id, cfg.name
@@ -165,8 +240,16 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         precision=cfg.precision,
         run_id=state.run_id,
     )
+    if attempt:
+        tracker.event("restart", attempt=attempt)
     if resume_from:
-        tracker.event("resume", from_step=state.step, checkpoint=resume_from)
+        tracker.event(
+            "resume",
+            from_step=state.step,
+            checkpoint=resume_from,
+            universal=universal,
+            weights=engine.weights_checksum(),
+        )
     cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
     batches = TrainBatches(
         spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
@@ -174,30 +257,64 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     ledger = JsonlWriter(run_dir / "ledger" / f"rank{env.rank}.jsonl") if cfg.data.ledger else None
     counters = DataCounters()
     final: dict[str, Any] = {}
+    nonfinite_in_a_row = save_failures_in_a_row = 0
+    resumed_at = state.step
+    preempted = False
 
     window_loss = torch.zeros((), device=env.device)
     window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
     engine.train(True)
     for step in range(state.step + 1, cfg.train.max_steps + 1):
+        faults.at_step_start(step)
         step_keys: list[str] = []
+        skipped = False
         for _ in range(cfg.train.grad_accum):
             batch = next_good_batch(batches, counters)
             step_keys += batch.keys
             x = normalize(batch.x.to(env.device, non_blocking=True), spec.mean, spec.std)
             y = batch.y.to(env.device, non_blocking=True)
             loss, _ = classify.train_step(engine, x, y)
+            if faults.nan_loss(step):
+                loss = loss * float("nan")
+            # One tiny all-reduce per micro-batch, and the step's only host sync: every rank must agree
+            # to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's collectives) and
+            # to stop for a preemption at the same step.
+            flags = dist.all_reduce(
+                torch.tensor([float(not torch.isfinite(loss)), float(stop.requested())]), "max"
+            )
+            if flags[0]:
+                skipped = True
+                if cfg.train.grad_accum == 1:
+                    break  # no backward, no optimizer step: the weights stay as they were
+                continue  # with accumulation, the bad micro-batch is dropped (the others are kept)
             engine.backward(loss)
             engine.step()  # updates weights and LR on the accumulation boundary only
             window_loss += loss.detach().float()
         state.step = step
         window_steps += 1
+        if skipped:
+            nonfinite_in_a_row += 1
+            state.nonfinite_steps += 1
+            tracker.event(
+                "nonfinite", step=step, in_a_row=nonfinite_in_a_row, weights=engine.weights_checksum()
+            )
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLoss(
+                    f"{nonfinite_in_a_row} steps in a row with a non-finite loss (step {step}); "
+                    f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}"
+                )
+        else:
+            nonfinite_in_a_row = 0
         if ledger is not None:
             ledger.write({"step": step, "keys": step_keys})
+        if resume_from and step == resumed_at + 1:  # recovery time: restart/resume event -> here
+            tracker.event("first_step_after_resume", step=step)
 
         if due(step, cfg.train.log_every) or step == cfg.train.max_steps:
-            # The only host syncs of the step path: once per log interval.
+            # Host syncs once per log interval: counters, the mean loss.
             counters.sync(state, tracker, cfg, spec, env.device)
-            mean_loss = dist.all_reduce(window_loss / (window_steps * cfg.train.grad_accum)) / env.world_size
+            done_micro = max(1, window_steps * cfg.train.grad_accum)
+            mean_loss = dist.all_reduce(window_loss / done_micro) / env.world_size
             elapsed_s = time.perf_counter() - window_start
             metrics = {
                 "train/loss": mean_loss.item(),
@@ -213,6 +330,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             }
             if state.samples_skipped:
                 metrics["train/samples_skipped"] = state.samples_skipped
+            if state.nonfinite_steps:
+                metrics["train/nonfinite_steps"] = state.nonfinite_steps
             if (grad_norm := engine.grad_norm()) is not None:
                 metrics["train/grad_norm"] = grad_norm
             tracker.log(step, metrics)
@@ -220,7 +339,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             window_loss.zero_()
             window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
 
-        if due(step, cfg.train.eval_every) or step == cfg.train.max_steps:
+        preempted = bool(flags[1])
+        if due(step, cfg.train.eval_every) or (step == cfg.train.max_steps and not preempted):
             eval_metrics = evaluate(engine, spec, cfg, env)
             tracker.log(step, eval_metrics)
             final.update(eval_metrics)
@@ -228,40 +348,35 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             state.best["eval/accuracy"] = max(best, eval_metrics["eval/accuracy"])
             window_start = time.perf_counter()  # eval time is not training throughput
 
-        if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps:
+        if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps or preempted:
             counters.sync(state, tracker, cfg, spec, env.device)
-            state.data_cursor = data_cursor.merge_rank_states(
-                dist.gather_objects(batches.local_state())
-            ).to_dict()
-            dist.average_buffers(engine.module)  # the saved statistics are every rank's
-            path = commit.save(
-                [engine],
-                state.to_dict(),
-                cfg.checkpoint_dir,
-                step,
-                is_rank0=env.is_rank0,
-                barrier=dist.barrier,
-                metadata={
-                    **_model_metadata(cfg, spec),
-                    "world_size": env.world_size,
-                    "config_digest": state.config_digest,
-                },
-                keep_last=cfg.checkpoint.keep_last,
-            )
-            tracker.event("checkpoint_commit", step=step, path=str(path))
-            final["checkpoint"] = str(path)
+            if save_checkpoint(engine, state, batches, cfg, spec, env, tracker, faults):
+                save_failures_in_a_row = 0
+                final["checkpoint"] = str(cfg.checkpoint_dir / commit.step_dir_name(step))
+            else:
+                save_failures_in_a_row += 1
+                if save_failures_in_a_row >= cfg.checkpoint.max_save_failures or preempted:
+                    raise commit.SaveFailed(
+                        f"{save_failures_in_a_row} checkpoint save(s) in a row failed "
+                        f"(checkpoint.max_save_failures={cfg.checkpoint.max_save_failures})"
+                    )
             window_start = time.perf_counter()
+        if preempted:
+            tracker.event("preempted", step=step, signal=stop.signalled)
+            break
 
-    if "eval/accuracy" not in final:  # resumed a finished run: nothing trained, report where it stands
+    if "eval/accuracy" not in final and not preempted:  # resumed a finished run: report where it stands
         final.update(evaluate(engine, spec, cfg, env))
     final |= {
         "step": state.step,
         "run_id": state.run_id,
         "best/eval/accuracy": state.best.get("eval/accuracy"),
         "samples_skipped": state.samples_skipped,
+        "preempted": preempted,
     }
-    tracker.event("finish", step=state.step, samples_skipped=state.samples_skipped)
+    tracker.event("finish", step=state.step, samples_skipped=state.samples_skipped, preempted=preempted)
     tracker.close(summary=final)
     if ledger is not None:
         ledger.close()
+    batches.close()
     return final

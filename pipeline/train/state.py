@@ -20,6 +20,8 @@ class TrainState:
     config_digest: str = ""
     world_size: int = 1
     data_cursor: dict[str, Any] | None = None  # pipeline.data.cursor.Cursor.to_dict() of all ranks
+    rng: list[dict[str, Any]] = field(default_factory=list)  # RNG states of every rank, in rank order
+    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss
     best: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""Fault injection for chaos drills and the fault-tolerance tests: `PIPELINE_FAULTS` in the environment.
+
+    PIPELINE_FAULTS="kill@7:1,nan@12,crash_in_save@20,enospc@30"
+
+Each entry is KIND@STEP[:RANK] (RANK defaults to 0):
+    kill           SIGKILL this worker process at the start of step STEP (once per run dir)
+    nan            make the loss of step STEP non-finite (every time the step is reached)
+    crash_in_save  SIGKILL inside the checkpoint write of step STEP, before the commit (once)
+    enospc         raise OSError(ENOSPC) while committing the checkpoint of step STEP (once)
+Faults marked "once" leave a marker in <run_dir>/.faults/, so a restarted run does not repeat them.
+Unset (the default), nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+KINDS = {"kill", "nan", "crash_in_save", "enospc"}
+ONCE = {"kill", "crash_in_save", "enospc"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int
+
+
+def parse(text: str) -> list[Fault]:
+    faults = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        kind, _, where = entry.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ValueError(
+                f"PIPELINE_FAULTS entry {entry!r}: expected KIND@STEP[:RANK], KIND in {sorted(KINDS)}"
+            )
+        faults.append(Fault(kind, int(step), int(rank or 0)))
+    return faults
+
+
+class Faults:
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.rank = rank
+        self.marker_dir = run_dir / ".faults"
+        self.faults = [f for f in parse(os.environ.get("PIPELINE_FAULTS", "")) if f.rank == rank]
+
+    def _fires(self, kind: str, step: int) -> bool:
+        for fault in self.faults:
+            if fault.kind == kind and fault.step == step:
+                if kind not in ONCE:
+                    return True
+                marker = self.marker_dir / f"{kind}-{step}-{self.rank}"
+                if marker.exists():
+                    return False
+                self.marker_dir.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                return True
+        return False
+
+    def at_step_start(self, step: int) -> None:
+        if self._fires("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def nan_loss(self, step: int) -> bool:
+        return self._fires("nan", step)
+
+    def in_save(self, step: int) -> None:
+        """Called by rank `rank` after its part of the checkpoint is written, before the commit."""
+        if self._fires("crash_in_save", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._fires("enospc", step):
+            raise OSError(errno.ENOSPC, "No space left on device (injected by PIPELINE_FAULTS)")

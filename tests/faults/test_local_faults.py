@@ -1,0 +1,132 @@
+"""Faults injected into real 2-process runs (local launcher, gloo): NaN losses, a full disk, a crash in
+the middle of a checkpoint write, and resuming at another world size."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import config, launch
+from pipeline.checkpoint import commit, export
+from pipeline.launch.plan import TrainingFailed, make_plan
+from tests.helpers import read_jsonl, run_cli
+
+pytestmark = pytest.mark.faults
+
+BASE = [
+    "cluster.launcher=local",
+    "model.args.channels=[8,16]",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.eval_every=0",
+    "checkpoint.every=4",
+    "checkpoint.keep_last=10",
+    "precision=fp32",
+]
+
+
+def cfg_for(digits_dir, run_dir, *extra):
+    return config.load(
+        "configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra]
+    )
+
+
+def events(run_dir, kind=None):
+    found = read_jsonl(run_dir / "events.jsonl")
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+@pytest.mark.timeout(300)
+def test_a_nan_step_is_skipped_and_three_in_a_row_abort(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_FAULTS", "nan@5,nan@5:1")  # rank 0 and rank 1 both see a NaN at step 5
+    run_dir = tmp_path / "one"
+    final = launch.train(make_plan(cfg_for(digits_dir, run_dir, "train.max_steps=8")))
+    (skip,) = events(run_dir, "nonfinite")
+    (commit4,) = [e for e in events(run_dir, "checkpoint_commit") if e["step"] == 4]
+    assert skip["step"] == 5 and skip["weights"] == commit4["weights"]  # step 5 changed no weight
+    assert final["step"] == 8 and math.isfinite(final["train/loss"])
+    for ckpt in commit.committed(run_dir / "checkpoints"):  # nothing non-finite was ever committed
+        weights = export.consolidated_state_dict(ckpt)
+        assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+    monkeypatch.setenv("PIPELINE_FAULTS", "nan@5:1,nan@6,nan@7:1")  # one rank's NaN is enough
+    proc = run_cli(
+        "train",
+        "configs/smoke.yaml",
+        *BASE,
+        f"data.train={digits_dir}",
+        f"run_dir={tmp_path / 'three'}",
+        "train.max_steps=12",
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "3 steps in a row with a non-finite loss" in proc.stderr
+    assert [e["step"] for e in events(tmp_path / "three", "nonfinite")] == [5, 6, 7]
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_keeps_the_previous_checkpoint_and_goes_on(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_FAULTS", "enospc@8")
+    run_dir = tmp_path / "run"
+    final = launch.train(make_plan(cfg_for(digits_dir, run_dir, "train.max_steps=12")))
+    (failed,) = events(run_dir, "checkpoint_failed")
+    assert failed["step"] == 8 and "No space left on device" in failed["error"]
+    assert [c.name for c in commit.committed(run_dir / "checkpoints")] == ["step_00000004", "step_00000012"]
+    commit.verify(run_dir / "checkpoints" / "step_00000004")
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the partial write was removed
+    assert final["step"] == 12
+
+    monkeypatch.setenv("PIPELINE_FAULTS", "enospc@4,enospc@8,enospc@12")
+    with pytest.raises(TrainingFailed, match="3 checkpoint save"):
+        launch.train(make_plan(cfg_for(digits_dir, tmp_path / "full", "train.max_steps=16")))
+
+
+@pytest.mark.timeout(300)
+def test_crash_inside_a_checkpoint_write_resumes_from_the_previous_commit(digits_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("PIPELINE_FAULTS", "crash_in_save@8")
+    with pytest.raises(TrainingFailed):
+        launch.train(make_plan(cfg_for(digits_dir, run_dir, "train.max_steps=12")))
+    assert (run_dir / "checkpoints" / ".tmp-step_00000008").is_dir()  # the debris of the killed save
+    assert [c.name for c in commit.committed(run_dir / "checkpoints")] == ["step_00000004"]
+
+    monkeypatch.delenv("PIPELINE_FAULTS")
+    final = launch.train(make_plan(cfg_for(digits_dir, run_dir, "train.max_steps=12")))
+    assert events(run_dir, "resume")[-1]["from_step"] == 4
+    assert not (run_dir / "checkpoints" / ".tmp-step_00000008").exists()
+    assert final["step"] == 12
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_world_size_change_2_to_1_to_2(digits_dir, tmp_path, stage):
+    run_dir = tmp_path / "run"
+
+    def segment(workers, steps):
+        cfg = cfg_for(
+            digits_dir,
+            run_dir,
+            f"zero.stage={stage}",
+            f"cluster.num_workers={workers}",
+            f"train.max_steps={steps}",
+            "precision=bf16",
+            "data.ledger=true",
+        )
+        return launch.train(make_plan(cfg))
+
+    segment(2, 8)
+    segment(1, 12)
+    final = segment(2, 16)
+    resumes = events(run_dir, "resume")
+    assert [(r["from_step"], r["universal"]) for r in resumes] == [(8, True), (12, True)]
+    commits = {e["step"]: e["weights"] for e in events(run_dir, "checkpoint_commit")}
+    for resume in resumes:  # the weights right after each resume are the saved ones
+        assert resume["weights"] == pytest.approx(commits[resume["from_step"]], rel=1e-9)
+    assert final["step"] == 16 and math.isfinite(final["train/loss"])
+    # the data cursor carried over the changes: 896 samples of epoch 0 (1,438), none seen twice
+    keys = [
+        k
+        for rank in (0, 1)
+        for line in read_jsonl(run_dir / "ledger" / f"rank{rank}.jsonl")
+        for k in line["keys"]
+    ]
+    assert len(keys) == 8 * 64 + 4 * 32 + 4 * 64 == len(set(keys))
