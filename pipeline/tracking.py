@@ -39,6 +39,18 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
+def last_logged_step(path: Path) -> int:
+    """The highest step in a metrics.jsonl (0 if none); a torn last line is ignored."""
+    last = 0
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
 class Progress:
     """step/total, loss, samples/s and ETA. Redraws one line on a terminal; plain lines otherwise.
 
@@ -103,6 +115,9 @@ class Tracker:
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         self.events = JsonlWriter(run_dir / "events.jsonl")
         self.progress = Progress(total_steps)
+        # After a crash, steps between the last commit and the crash were logged once already; they
+        # are not logged again, so metrics.jsonl and W&B never see a step twice or go backwards.
+        self.replayed_until = last_logged_step(run_dir / "metrics.jsonl")
         self.wandb_mode = resolve_wandb_mode(wandb_cfg)
         self._wandb = None
         if self.wandb_mode != "disabled":
@@ -122,6 +137,8 @@ class Tracker:
             )
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
+        if step <= self.replayed_until:
+            return  # a resumed run re-does steps the lost process already logged (with equal values)
         record = {"step": step, "time": time.time(), **metrics}
         self.metrics.write(record)
         if self._wandb is not None:

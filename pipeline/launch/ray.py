@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,14 @@ def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "GLOO_SOCKET_IFNAME"):
+    for key in (
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_PROJECT",
+        "WANDB_ENTITY",
+        "GLOO_SOCKET_IFNAME",
+        "PIPELINE_FAULTS",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -82,7 +90,13 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
             "include_dashboard": False,
             "runtime_env": runtime_env,
         }
+    ours = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     ray.init(**init_kwargs, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # ray.init installs a C++ handler that dies on SIGTERM; put back ours, which asks the workers to
+    # commit a checkpoint and stop (exit 75).
+    for sig, handler in ours.items():
+        if callable(handler):
+            signal.signal(sig, handler)
     try:
         trainer = TorchTrainer(
             _train_fn,

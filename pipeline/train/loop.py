@@ -224,10 +224,6 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     if resume_from:
         engine.load(load_dir, load_tag)
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
-        if len(state.rng) == env.world_size:
-            persist.restore_rng(state.rng[env.rank])
-        else:  # another world size: per-rank streams cannot carry over; reseed from the step
-            torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
         state.config_digest, state.world_size = cfg.digest(), env.world_size
 
     tracker = make_tracker(
@@ -254,6 +250,12 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     batches = TrainBatches(
         spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
     )
+    # RNG last: starting DataLoader processes draws from the global torch RNG, so restoring before
+    # that would shift every later dropout mask against the unbroken run.
+    if resume_from and len(state.rng) == env.world_size:
+        persist.restore_rng(state.rng[env.rank])
+    elif resume_from:  # another world size: per-rank streams cannot carry over; reseed from the step
+        torch.manual_seed(cfg.seed * 100_003 + env.rank + 7919 * state.step)
     ledger = JsonlWriter(run_dir / "ledger" / f"rank{env.rank}.jsonl") if cfg.data.ledger else None
     counters = DataCounters()
     final: dict[str, Any] = {}
