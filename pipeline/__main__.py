@@ -31,6 +31,19 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+def _parse_classes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        out: list[int] = []
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            out += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        return out
+    except ValueError:
+        raise ConfigError(f"--classes {text!r}: use labels like 0-4 or 5,7,9") from None
+
+
 @data_app.command("prepare")
 def data_prepare(
     source: str = typer.Argument(
@@ -42,6 +55,8 @@ def data_prepare(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="fraction held out (stratified)"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out"),
+    classes: str = typer.Option(None, "--classes", help="keep only these labels, e.g. 0-4 or 5,7,9"),
+    train_fraction: float = typer.Option(1.0, "--train-fraction", help="keep this fraction of train"),
 ) -> None:
     """Write a real dataset as WebDataset tar shards with a MANIFEST (counts + sha256)."""
     from pipeline.data import shards, sources
@@ -56,6 +71,8 @@ def data_prepare(
             val_fraction=val_fraction,
             seed=seed,
             overwrite=overwrite,
+            classes=_parse_classes(classes),
+            train_fraction=train_fraction,
         )
     except ConfigError as e:
         _fail(str(e))

@@ -110,6 +110,20 @@ class TrackingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+class InitFromConfig(Section):
+    path: str | None = Field(
+        None, description="our checkpoint or run dir, exported weights (.pt, .safetensors), or a weights file"
+    )
+    exclude: list[str] = Field(default_factory=list, description="key patterns not loaded, e.g. ['head.*']")
+    freeze: list[str] = Field(
+        default_factory=list, description="parameter patterns frozen, e.g. ['features.*']"
+    )
+    unfreeze_at_step: int = Field(
+        0, ge=0, description="train the frozen parameters from this step on (0: never)"
+    )
+    lr_mult: dict[str, float] = Field(default_factory=dict, description="LR multipliers by parameter pattern")
+
+
 class ClusterConfig(Section):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train workers; local: torch.multiprocessing, no Ray (debugging)"
@@ -137,6 +151,7 @@ class Config(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config, merged last")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     resume: str = Field("auto", description="auto | never | PATH")
+    init_from: InitFromConfig = Field(default_factory=InitFromConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -154,6 +169,10 @@ class Config(Section):
                 "precision=fp16 needs GPUs (dynamic loss scaling is a GPU feature); "
                 "use precision=bf16 on CPU, or set cluster.use_gpu=true"
             )
+        if self.init_from.unfreeze_at_step and not self.init_from.freeze:
+            raise ValueError("init_from.unfreeze_at_step needs init_from.freeze patterns")
+        if self.init_from.unfreeze_at_step >= self.train.max_steps > 0 and self.init_from.unfreeze_at_step:
+            raise ValueError("init_from.unfreeze_at_step must be smaller than train.max_steps")
         if self.zero.offload_params and self.zero.stage != 3:
             raise ValueError("zero.offload_params needs zero.stage=3")
         if self.zero.offload_optimizer and self.zero.stage == 0:
@@ -193,9 +212,22 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+# Sections that also accept a plain value, meaning one key of theirs: `init_from: PATH`.
+_SHORTHAND = {"init_from": "path"}
+
+
+def _expand_shorthand(tree: dict[str, Any]) -> dict[str, Any]:
+    for section, key in _SHORTHAND.items():
+        if section in tree and not isinstance(tree[section], dict):
+            tree[section] = {key: tree[section]}
+    return tree
+
+
 def _check_keys(data: dict[str, Any], cls: type[BaseModel], prefix: str, source: str) -> None:
     """Reject unknown keys with a did-you-mean, before type validation (pydantic's message lacks it)."""
     fields = _section_fields(cls)
+    if not prefix:
+        _expand_shorthand(data)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
@@ -268,6 +300,8 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nest(key, value), Config, "", f"override '{text}'")
+        if key in _SHORTHAND and not isinstance(value, dict):
+            key, value = f"{key}.{_SHORTHAND[key]}", value
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)

@@ -67,24 +67,51 @@ def deepspeed_config(
     return _merge(cfg, raw)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices/kernels only, not on biases and normalisation parameters."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_mult: dict[str, float] | None = None,
+    delayed: list[str] | None = None,
+    start_step: int = 0,
+) -> list[dict[str, Any]]:
+    """Parameter groups: weight decay on weight matrices/kernels only (not biases and norms); an LR
+    multiplier per `lr_mult` pattern (first match); parameters named in `delayed` get LR 0 until
+    `start_step` (frozen, yet in the optimizer). Groups carry `lr_mult` and `start_step` for the schedule."""
+    from fnmatch import fnmatch
+
+    groups: dict[tuple[float, bool, int], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        mult = next((m for pattern, m in (lr_mult or {}).items() if fnmatch(name, pattern)), 1.0)
+        starts = start_step if any(fnmatch(name, p) for p in delayed or []) else 0
+        groups.setdefault((mult, param.ndim >= 2, starts), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr_mult": mult,
+            "start_step": starts,
+        }
+        for (mult, decays, starts), params in sorted(
+            groups.items(), key=lambda kv: (-kv[0][1], kv[0][0], kv[0][2])
+        )
+    ]
 
 
 def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    groups = [{**g, "lr": optim.lr * g.get("lr_mult", 1.0)} for g in groups]
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=optim.lr, betas=optim.betas)
+
+
+def _group_schedule(optim: OptimConfig, max_steps: int, start_step: int):
+    def factor(step: int) -> float:
+        return 0.0 if step < start_step else lr_factor(step, optim, max_steps)
+
+    return factor
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -174,6 +201,9 @@ def build_engine(
     raw: dict[str, Any],
     micro_batch_size: int,
     load_universal: bool = False,
+    lr_mult: dict[str, float] | None = None,
+    delayed: list[str] | None = None,
+    start_step: int = 0,
 ) -> Engine:
     """Collective: every rank must call it in the same order (DeepSpeed broadcasts/partitions here).
     `load_universal`: the checkpoint to load next is a DeepSpeed universal checkpoint (world-size change)."""
@@ -191,8 +221,12 @@ def build_engine(
     )
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-    optimizer = make_optimizer(param_groups(model, optim.weight_decay), optim)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, train.max_steps))
+    groups = param_groups(model, optim.weight_decay, lr_mult, delayed, start_step)
+    optimizer = make_optimizer(groups, optim)
+    # One LR function per group: a pure function of the step, so a resumed run recreates it exactly.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_group_schedule(optim, train.max_steps, g["start_step"]) for g in groups]
+    )
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
     )

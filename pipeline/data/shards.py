@@ -46,7 +46,13 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def _write_split(
-    out: Path, split: str, source: Source, indices: np.ndarray, samples_per_shard: int, shard_bytes: int
+    out: Path,
+    split: str,
+    source: Source,
+    indices: np.ndarray,
+    samples_per_shard: int,
+    shard_bytes: int,
+    label_of: dict[int, int],
 ) -> list[dict[str, Any]]:
     """Shards of at most `samples_per_shard` samples and (if > 0) about `shard_bytes` bytes each."""
     shards: list[dict[str, Any]] = []
@@ -61,7 +67,7 @@ def _write_split(
                 key = f"{source.name}-{i:06d}"
                 ext, payload = source.payload(i)
                 _add_member(tar, f"{key}.{ext}", payload)
-                _add_member(tar, f"{key}.cls", str(int(source.labels[i])).encode())
+                _add_member(tar, f"{key}.cls", str(label_of[int(source.labels[i])]).encode())
                 position, count = position + 1, count + 1
                 if shard_bytes and tar.offset >= shard_bytes:
                     break
@@ -72,15 +78,19 @@ def _write_split(
     return shards
 
 
-def _split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified split: each class contributes val_fraction of its samples to val."""
+def _split_indices(
+    labels: np.ndarray, val_fraction: float, seed: int, classes: list[int] | None, train_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split: each class contributes val_fraction of its samples to val, and
+    train_fraction of the rest to train (fewer labels, e.g. for fine-tuning experiments)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for cls in np.unique(labels):
+    for cls in classes if classes is not None else np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         n_val = round(len(members) * val_fraction)
         val.append(members[:n_val])
-        train.append(members[n_val:])
+        rest = members[n_val:]
+        train.append(rest[: max(1, round(len(rest) * train_fraction))])
     # Shuffle across classes so each shard holds a mix (the stream only shuffles within a buffer).
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
 
@@ -94,8 +104,16 @@ def write_prepared(
     val_fraction: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    classes: list[int] | None = None,
+    train_fraction: float = 1.0,
 ) -> dict[str, Any]:
-    """Write shards and MANIFEST into `out`, atomically: a temp dir renamed into place at the end."""
+    """Write shards and MANIFEST into `out`, atomically: a temp dir renamed into place at the end.
+    `classes` keeps only those labels (relabelled 0..k-1 in that order); `train_fraction` keeps that
+    fraction of each class's train samples."""
+    if classes is not None and (not classes or any(c not in range(len(source.classes)) for c in classes)):
+        raise ConfigError(f"--classes {classes}: labels must be in 0..{len(source.classes) - 1}")
+    if not 0.0 < train_fraction <= 1.0:
+        raise ConfigError("--train-fraction must be in (0, 1]")
     if samples_per_shard <= 0:
         raise ConfigError("--samples-per-shard must be > 0")
     if shard_size_mb < 0:
@@ -108,16 +126,20 @@ def write_prepared(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        train_idx, val_idx = _split_indices(source.labels, val_fraction, seed)
+        train_idx, val_idx = _split_indices(source.labels, val_fraction, seed, classes, train_fraction)
+        kept = classes if classes is not None else list(range(len(source.classes)))
+        label_of = {c: i for i, c in enumerate(kept)}
+        class_names = [source.classes[c] for c in kept]
         mean, std = source.stats()
         manifest = {
             "format": FORMAT,
             "source": source.name,
             "seed": seed,
             "val_fraction": val_fraction,
-            "classes": source.classes,
-            "num_classes": len(source.classes),
-            "class_map": {name: i for i, name in enumerate(source.classes)},
+            "classes": class_names,
+            "num_classes": len(class_names),
+            "class_map": {name: i for i, name in enumerate(class_names)},
+            "train_fraction": train_fraction,
             "kind": source.kind,
             "channels": source.channels(),
             "sample_shape": source.sample_shape(),  # None: sizes differ, training needs data.image_size
@@ -125,7 +147,9 @@ def write_prepared(
             "splits": {},
         }
         for split, idx in (("train", train_idx), ("val", val_idx)):
-            shards = _write_split(tmp, split, source, idx, samples_per_shard, int(shard_size_mb * 1e6))
+            shards = _write_split(
+                tmp, split, source, idx, samples_per_shard, int(shard_size_mb * 1e6), label_of
+            )
             manifest["splits"][split] = {"samples": len(idx), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(tmp)  # the payload is durable before the rename makes it visible

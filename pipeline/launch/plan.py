@@ -19,6 +19,7 @@ from pipeline.checkpoint import commit
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_shard_count
+from pipeline.train import finetune
 
 
 class TrainingFailed(RuntimeError):
@@ -131,6 +132,8 @@ def make_plan(cfg: Config) -> Plan:
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
+    finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2
+    finetune.freeze(model, cfg.init_from)
     trainable, frozen = models.count_parameters(model)
     return Plan(
         cfg=cfg, spec=spec, params_trainable=trainable, params_frozen=frozen, resume_from=resume_point(cfg)

@@ -25,7 +25,7 @@ from pipeline.engine import Engine, build_engine
 from pipeline.tasks import classify
 from pipeline.tracking import JsonlWriter, make_tracker
 from pipeline.train import distributed as dist
-from pipeline.train import persist
+from pipeline.train import finetune, persist
 from pipeline.train.faults import Faults
 from pipeline.train.signals import StopRequest
 from pipeline.train.state import TrainState
@@ -204,6 +204,9 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     # then a per-rank seed so dropout masks differ between ranks.
     torch.manual_seed(cfg.seed)
     model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
+    if not resume_from:  # a resumed fine-tuning run gets its weights from its own checkpoint
+        finetune.apply_init(model, cfg.init_from)
+    frozen = finetune.freeze(model, cfg.init_from)
     load_dir, load_tag, universal = (
         persist.prepare_engine_load(resume_from, env.world_size, "model", env.is_rank0)
         if resume_from
@@ -219,6 +222,9 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         raw=cfg.deepspeed,
         micro_batch_size=cfg.data.batch_size,
         load_universal=universal,
+        lr_mult=cfg.init_from.lr_mult,
+        delayed=frozen if cfg.init_from.unfreeze_at_step else None,
+        start_step=cfg.init_from.unfreeze_at_step,
     )
     torch.manual_seed(cfg.seed * 100_003 + env.rank)
     if resume_from:
