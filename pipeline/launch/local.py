@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -61,9 +62,15 @@ def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], resu
             results.put(("ok", final))
     except BaseException:
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # Done: every rank has its result out. Leave without the interpreter's teardown, where C++
+    # destructors of the communication threads (gloo, DeepSpeed's shm op) have been seen to abort
+    # ("terminate called without an active exception") and turn a finished run into a failure.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(payload: dict[str, Any], world_size: int) -> dict[str, Any]:
