@@ -95,7 +95,7 @@ def main() -> None:
                 is_rank0=True,
                 all_ok=lambda ok: ok,
                 metadata={"zero_stage": 2, "world_size": 1},
-                keep_last=1,
+                retention=commit.Retention(keep_last=1),
             )
             seconds.append(time.perf_counter() - start)
             sizes.append(tree_bytes(path))

@@ -96,6 +96,9 @@ class CheckpointConfig(Section):
     max_save_failures: int = Field(
         3, gt=0, description="consecutive failed saves (e.g. disk full) that abort"
     )
+    keep_best: int = Field(0, ge=0, description="also keep the best N checkpoints by best_metric")
+    best_metric: str = Field("eval/accuracy", description="a metric logged at eval steps")
+    best_mode: Literal["max", "min"] = "max"
 
 
 class WandbConfig(Section):

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,7 +64,7 @@ def save(
     is_rank0: bool,
     all_ok: Callable[[bool], bool],
     metadata: dict[str, Any],
-    keep_last: int,
+    retention: Retention,
     before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Collective: all ranks call it. Returns the committed directory, or raises SaveFailed on every
@@ -117,7 +118,7 @@ def save(
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(root)
-            apply_retention(root, keep_last)
+            apply_retention(root, retention)
     except OSError as e:
         error = e
     if not phase_ok():  # nobody proceeds (or exits) before the commit is visible
@@ -141,9 +142,32 @@ def committed(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
 
 
-def apply_retention(root: Path, keep_last: int) -> None:
-    for old in committed(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+@dataclass(frozen=True)
+class Retention:
+    """Keep the newest `keep_last` commits, plus the `keep_best` best by `metric` (read from each
+    MANIFEST's `metrics`; `mode` max or min)."""
+
+    keep_last: int
+    keep_best: int = 0
+    metric: str = "eval/accuracy"
+    mode: str = "max"
+
+
+def apply_retention(root: Path, retention: Retention) -> list[Path]:
+    """Delete commits that retention does not keep; returns the deleted ones."""
+    found = committed(root)
+    keep = set(found[-retention.keep_last :])
+    if retention.keep_best:
+        scored = []
+        for ckpt in found:
+            value = read_manifest(ckpt).get("metrics", {}).get(retention.metric)
+            if value is not None:
+                scored.append((value if retention.mode == "max" else -value, ckpt))
+        keep |= {ckpt for _, ckpt in sorted(scored, key=lambda t: t[0], reverse=True)[: retention.keep_best]}
+    deleted = [ckpt for ckpt in found if ckpt not in keep]
+    for ckpt in deleted:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return deleted
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@
 
 Each entry is KIND@STEP[:RANK] (RANK defaults to 0):
     kill           SIGKILL this worker process at the start of step STEP (once per run dir)
+    hang           stop this worker at the start of step STEP (sleeps): the others' collectives time out
     nan            make the loss of step STEP non-finite (every time the step is reached)
     crash_in_save  SIGKILL inside the checkpoint write of step STEP, before the commit (once)
     enospc         raise OSError(ENOSPC) while committing the checkpoint of step STEP (once)
@@ -16,11 +17,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = {"kill", "nan", "crash_in_save", "enospc"}
-ONCE = {"kill", "crash_in_save", "enospc"}
+KINDS = {"kill", "hang", "nan", "crash_in_save", "enospc"}
+ONCE = {"kill", "hang", "crash_in_save", "enospc"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Faults:
     def at_step_start(self, step: int) -> None:
         if self._fires("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fires("hang", step):
+            time.sleep(24 * 3600)
 
     def nan_loss(self, step: int) -> bool:
         return self._fires("nan", step)

@@ -142,6 +142,7 @@ def save_checkpoint(
     env: WorkerEnv,
     tracker: Any,
     faults: Faults,
+    metrics: dict[str, Any],
 ) -> bool:
     """Collective. Commit a checkpoint of everything a resume needs; False (and an event) if it failed."""
     state.data_cursor = data_cursor.merge_rank_states(dist.gather_objects(batches.local_state())).to_dict()
@@ -158,11 +159,17 @@ def save_checkpoint(
             state.step,
             is_rank0=env.is_rank0,
             all_ok=dist.all_true,
-            keep_last=cfg.checkpoint.keep_last,
+            retention=commit.Retention(
+                cfg.checkpoint.keep_last,
+                cfg.checkpoint.keep_best,
+                cfg.checkpoint.best_metric,
+                cfg.checkpoint.best_mode,
+            ),
             metadata={
                 **_model_metadata(cfg, spec),
                 "world_size": env.world_size,
                 "config_digest": state.config_digest,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             },
             before_commit=lambda: faults.in_save(state.step),
         )
@@ -358,7 +365,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
 
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps or preempted:
             counters.sync(state, tracker, cfg, spec, env.device)
-            if save_checkpoint(engine, state, batches, cfg, spec, env, tracker, faults):
+            if save_checkpoint(engine, state, batches, cfg, spec, env, tracker, faults, final):
                 save_failures_in_a_row = 0
                 final["checkpoint"] = str(cfg.checkpoint_dir / commit.step_dir_name(step))
             else:

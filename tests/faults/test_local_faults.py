@@ -1,7 +1,9 @@
 """Faults injected into real 2-process runs (local launcher, gloo): NaN losses, a full disk, a crash in
 the middle of a checkpoint write, and resuming at another world size."""
 
+import json
 import math
+import time
 
 import pytest
 import torch
@@ -130,3 +132,40 @@ def test_world_size_change_2_to_1_to_2(digits_dir, tmp_path, stage):
         for k in line["keys"]
     ]
     assert len(keys) == 8 * 64 + 4 * 32 + 4 * 64 == len(set(keys))
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_worker_fails_the_run_within_the_collective_timeout(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_FAULTS", "hang@6:1")  # rank 1 stops answering at step 6
+    start = time.monotonic()
+    with pytest.raises(TrainingFailed):
+        launch.train(
+            make_plan(
+                cfg_for(digits_dir, tmp_path / "run", "train.max_steps=12", "cluster.collective_timeout_s=10")
+            )
+        )
+    elapsed_s = time.monotonic() - start
+    # rank 0 times out in its next collective after 10 s; the hung process is killed after the
+    # launcher's SIGTERM grace period (it treats SIGTERM as a preemption request)
+    assert elapsed_s < 90, elapsed_s
+    assert [c.name for c in commit.committed(tmp_path / "run" / "checkpoints")] == ["step_00000004"]
+
+
+def test_retention_keeps_the_last_and_the_best(tmp_path):
+    """Commits are plain directories with a MANIFEST: retention reads only that."""
+    root = tmp_path / "checkpoints"
+    for step, accuracy in [(10, 0.5), (20, 0.9), (30, 0.7), (40, 0.6), (50, 0.8)]:
+        ckpt = root / commit.step_dir_name(step)
+        ckpt.mkdir(parents=True)
+        manifest = {
+            "format": commit.FORMAT,
+            "step": step,
+            "metrics": {"eval/accuracy": accuracy},
+            "files": {},
+        }
+        (ckpt / commit.MANIFEST).write_text(json.dumps(manifest))
+    deleted = commit.apply_retention(root, commit.Retention(keep_last=2, keep_best=1))
+    assert [p.name for p in commit.committed(root)] == ["step_00000020", "step_00000040", "step_00000050"]
+    assert [p.name for p in deleted] == ["step_00000010", "step_00000030"]
+    commit.apply_retention(root, commit.Retention(keep_last=1, keep_best=1, mode="min"))
+    assert [p.name for p in commit.committed(root)] == ["step_00000040", "step_00000050"]
