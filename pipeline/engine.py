@@ -171,11 +171,12 @@ class Engine:
         """(sum, sum of squares) of the fp32 master weights in float64, over all ranks. Collective.
         Independent of how ZeRO partitions them (up to float64 rounding), so it compares a run's
         weights across a save and a resume at another world size."""
-        local = torch.zeros(2, dtype=torch.float64)
-        for group in self.ds.optimizer.param_groups:
-            for p in group["params"]:
-                flat = p.detach().double()
-                local += torch.stack([flat.sum(), (flat * flat).sum()]).cpu()
+        tensors = [p for group in self.ds.optimizer.param_groups for p in group["params"]]
+        device = tensors[0].device if tensors else torch.device("cpu")  # NCCL reduces GPU tensors only
+        local = torch.zeros(2, dtype=torch.float64, device=device)
+        for p in tensors:
+            flat = p.detach().double()
+            local += torch.stack([flat.sum(), (flat * flat).sum()]).to(device)
         if self.ds.zero_optimization_stage() > 0 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(local)  # partitions: each rank holds a slice
         return float(local[0]), float(local[1])

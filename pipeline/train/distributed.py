@@ -15,6 +15,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _device() -> torch.device:
+    """Where collective tensors must live: the current GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -48,7 +55,7 @@ def all_true(flag: bool) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() == 1.0)
 

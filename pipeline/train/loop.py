@@ -294,9 +294,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             # One tiny all-reduce per micro-batch, and the step's only host sync: every rank must agree
             # to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's collectives) and
             # to stop for a preemption at the same step.
-            flags = dist.all_reduce(
-                torch.tensor([float(not torch.isfinite(loss)), float(stop.requested())]), "max"
-            )
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(stop.requested())])
+            flags = dist.all_reduce(flags.float(), "max").tolist()
             if flags[0]:
                 skipped = True
                 if cfg.train.grad_accum == 1:
