@@ -117,7 +117,12 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config YAML"),
 ) -> None:
-    """Train: validate everything, then run the workers (Ray by default) to train.max_steps."""
+    """Train: validate everything, then run the workers (Ray by default) to train.max_steps.
+
+    Re-running the same command resumes from the newest verified checkpoint (resume=auto).
+    Exit codes: 0 done, 1 training failed, 2 config/input error (nothing started),
+    75 preempted by SIGTERM/SIGUSR1 with a committed checkpoint (re-run to resume).
+    """
     from pipeline import config as config_mod
     from pipeline.launch.plan import make_plan
 
