@@ -163,10 +163,6 @@ class Cursor:
             bases={int(e): Base.from_dict(b) for e, b in d["bases"].items()},
         )
 
-    def epoch_progress(self) -> float:
-        """Fractional epochs done by the slowest reader (for display)."""
-        return float(min(p.epoch for p in self.readers))
-
 
 def consumed_in_epoch(layout: Layout, cursor: Cursor, epoch: int) -> Base:
     """Every sample of `epoch` consumed so far: the epoch's base plus what each reader has emitted."""
