@@ -165,6 +165,36 @@ def train(
         typer.echo(f"checkpoint: {final['checkpoint']}")
 
 
+@app.command("eval")
+def eval_cmd(
+    target: Path = typer.Argument(..., help="a run dir (its newest checkpoint) or a checkpoint dir"),
+    overrides: list[str] = typer.Argument(None, help="overrides of the run's config, e.g. data.val=DIR"),
+) -> None:
+    """Score a checkpoint on the val shards of its run (config.yaml beside it), without DeepSpeed."""
+    from pipeline import config as config_mod
+    from pipeline.launch.plan import make_plan
+    from pipeline.train.evaluate import evaluate_checkpoint, find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(target)
+        run_config = ckpt.parent.parent / "config.yaml"
+        cfg = config_mod.load(
+            run_config,
+            [
+                *(overrides or []),
+                # one local process; the run's resume/init_from settings do not matter for scoring
+                "cluster.num_workers=1",
+                "data.num_workers=0",
+                "resume=auto",
+                "init_from.path=null",
+            ],
+        )
+        metrics = evaluate_checkpoint(cfg, make_plan(cfg).spec, ckpt)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(metrics))
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="a checkpoint dir (step_XXXXXXXX) or a run dir (newest)"),

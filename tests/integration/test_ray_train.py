@@ -60,6 +60,11 @@ def test_smoke_recipe_on_ray_then_export(digits_dir, tmp_path):
     exported_accuracy = evaluate_plain(model, make_plan(cfg).spec, cfg.data, cfg.precision)
     assert exported_accuracy == pytest.approx(accuracy, abs=0.005)
 
+    proc = run_cli("eval", str(run_dir))  # the CLI's own scoring of the newest checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scored["step"] == 300 and scored["eval/accuracy"] == pytest.approx(accuracy, abs=0.005)
+
 
 @pytest.mark.timeout(900)
 def test_cnn_mnist5k_reaches_95_percent(tmp_path):
