@@ -205,12 +205,9 @@ def export_cmd(
     from pipeline.checkpoint import commit, export
 
     try:
-        ckpt = checkpoint
-        if not (checkpoint / commit.MANIFEST).is_file():
-            found = commit.committed(checkpoint / "checkpoints") or commit.committed(checkpoint)
-            if not found:
-                raise commit.CheckpointError(f"{checkpoint} is neither a checkpoint nor a run dir with one")
-            ckpt = found[-1]
+        ckpt = commit.find(checkpoint)
+        if ckpt is None:
+            raise commit.CheckpointError(f"{checkpoint} is neither a checkpoint nor a run dir with one")
         meta = export.export(ckpt, out, engine)
     except ConfigError as e:
         _fail(str(e))

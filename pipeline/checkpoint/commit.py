@@ -153,6 +153,16 @@ class Retention:
     mode: str = "max"
 
 
+def find(target: Path) -> Path | None:
+    """`target` if it is a committed checkpoint, else the newest commit of a run dir (its checkpoints/)
+    or of a checkpoints dir; None if there is none. Verification is separate."""
+    target = Path(target)
+    if (target / MANIFEST).is_file():
+        return target
+    found = committed(target / "checkpoints") or committed(target)
+    return found[-1] if found else None
+
+
 def apply_retention(root: Path, retention: Retention) -> list[Path]:
     """Delete commits that retention does not keep; returns the deleted ones."""
     found = committed(root)

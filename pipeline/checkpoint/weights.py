@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint.commit import MANIFEST, CheckpointError, committed
+from pipeline.checkpoint.commit import CheckpointError, find
 from pipeline.checkpoint.export import consolidated_state_dict
 
 
@@ -20,12 +20,9 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} state dict from a checkpoint dir, run dir, .safetensors or torch file."""
     source = Path(path)
     if source.is_dir():
-        ckpt = source
-        if not (source / MANIFEST).is_file():
-            found = committed(source / "checkpoints") or committed(source)
-            if not found:
-                raise CheckpointError(f"init_from: {source} holds no committed checkpoint")
-            ckpt = found[-1]
+        ckpt = find(source)
+        if ckpt is None:
+            raise CheckpointError(f"init_from: {source} holds no committed checkpoint")
         return consolidated_state_dict(ckpt)  # verifies every file's sha256 first
     if not source.is_file():
         raise CheckpointError(f"init_from: {source} does not exist")

@@ -107,12 +107,9 @@ def resume_point(cfg: Config) -> Path | None:
     if cfg.resume == "auto":
         ckpt = commit.newest_verified(root, warn=_warn)
     else:
-        path = Path(cfg.resume)
-        if not (path / commit.MANIFEST).is_file():  # a run dir or checkpoints dir: its newest commit
-            found = commit.committed(path / "checkpoints") or commit.committed(path)
-            if not found:
-                raise ConfigError(f"config key 'resume': no committed checkpoint at {path}")
-            path = found[-1]
+        path = commit.find(Path(cfg.resume))  # a checkpoint, or a run dir's newest commit
+        if path is None:
+            raise ConfigError(f"config key 'resume': no committed checkpoint at {cfg.resume}")
         try:
             commit.verify(path)
         except commit.CheckpointError as e:

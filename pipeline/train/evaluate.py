@@ -19,12 +19,10 @@ from pipeline.tasks import classify
 
 def find_checkpoint(target: Path) -> Path:
     """A checkpoint dir, or the newest commit of a run dir."""
-    if (target / commit.MANIFEST).is_file():
-        return target
-    found = commit.committed(target / "checkpoints") or commit.committed(target)
-    if not found:
+    ckpt = commit.find(target)
+    if ckpt is None:
         raise commit.CheckpointError(f"{target} is neither a checkpoint nor a run dir with one")
-    return found[-1]
+    return ckpt
 
 
 def evaluate_checkpoint(cfg: Config, spec: DataSpec, ckpt: Path) -> dict[str, Any]:
