@@ -90,7 +90,17 @@ class ZeroConfig(Section):
 
 
 class CheckpointConfig(Section):
-    dir: str | None = Field(None, description="default: <run_dir>/checkpoints")
+    dir: str | None = Field(
+        None,
+        description="default: <run_dir>/checkpoints; an s3:// (fsspec) URL mirrors every commit there, "
+        "with <run_dir>/checkpoints as the local staging copy and download cache",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for an s3:// dir (endpoint_url, key, secret...)"
+    )
+    async_save: bool = Field(
+        True, description="write checkpoint files in the background; the loop waits only to stage tensors"
+    )
     every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(3, gt=0)
     max_save_failures: int = Field(
@@ -190,8 +200,17 @@ class Config(Section):
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
     @property
+    def checkpoint_remote(self) -> str | None:
+        """The object-storage URL checkpoints are mirrored to, if `checkpoint.dir` is one."""
+        dir_ = self.checkpoint.dir
+        return dir_ if dir_ and "://" in dir_ and not dir_.startswith("file://") else None
+
+    @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.resolved_run_dir / "checkpoints"
+        """Where checkpoints are committed on a local (or shared) filesystem."""
+        if self.checkpoint.dir and not self.checkpoint_remote:
+            return Path(self.checkpoint.dir.removeprefix("file://"))
+        return self.resolved_run_dir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

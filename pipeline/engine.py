@@ -156,9 +156,19 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def save(self, directory: Path, tag: str, client_state: dict[str, Any] | None = None) -> None:
-        """Collective: every rank writes its part (ZeRO partitions) under directory/tag."""
-        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
+    def save(self, directory: Path, tag: str, writer: Any = None) -> None:
+        """Collective: every rank writes its part (ZeRO partitions) under directory/tag. With a
+        `writer` (checkpoint.writer.BackgroundWriter), DeepSpeed's tensor files go through it: staged
+        in memory here, written in the background (small metadata files are still written here)."""
+        if writer is None:
+            self.ds.save_checkpoint(str(directory), tag=tag)
+            return
+        own = self.ds.checkpoint_engine
+        self.ds.checkpoint_engine = _writer_checkpoint_engine(writer)
+        try:
+            self.ds.save_checkpoint(str(directory), tag=tag)
+        finally:
+            self.ds.checkpoint_engine = own  # loads keep DeepSpeed's own reader
 
     def is_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (the fp32 masters under ZeRO: what the
@@ -189,6 +199,29 @@ class Engine:
         # DeepSpeed returns None instead of raising when it finds nothing: never start fresh silently.
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{tag}' under {directory}")
+
+
+def _writer_checkpoint_engine(writer: Any) -> Any:
+    """A DeepSpeed CheckpointEngine that hands each state dict to our background writer."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class WriterCheckpointEngine(CheckpointEngine):
+        def create(self, info: Any) -> None:
+            pass
+
+        def save(self, state_dict: Any, path: str) -> None:
+            writer.submit(state_dict, path)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            raise AssertionError("only used for saving")
+
+        def commit(self, info: Any) -> bool:
+            return True  # our commit is the MANIFEST + rename, after every rank's writes are done
+
+        def preserves_storage_sharing(self) -> bool:
+            return False  # the writer stages compact copies itself; DeepSpeed need not clone first
+
+    return WriterCheckpointEngine()
 
 
 def build_engine(

@@ -5,9 +5,11 @@
         trainer_state.json        the TrainState
         MANIFEST.json             written last: every file's size and sha256, the model and ZeRO layout
 
-Every rank writes its part into `.tmp-step_XXXXXXXX`; once all have (barrier), rank 0 hashes, fsyncs and
-renames the directory to `step_XXXXXXXX`. A directory named `step_*` with a verifying MANIFEST is
-therefore complete; anything else is debris from an interrupted save, never loaded.
+Every rank writes its part into `.tmp-step_XXXXXXXX` (in the background: `start` returns once the tensors
+are staged in memory, see writer.py); once all have (`finish`: every rank's hashes gathered), rank 0
+writes the MANIFEST, fsyncs and renames the directory to `step_XXXXXXXX`. A directory named `step_*`
+with a verifying MANIFEST is therefore complete; anything else is debris from an interrupted save,
+never loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import ConfigError
 from pipeline.files import fsync_dir, fsync_tree, sha256_file
 
@@ -36,23 +39,121 @@ class CheckpointError(ConfigError):
 class SavesItself(Protocol):
     name: str
 
-    def save(self, directory: Path, tag: str, client_state: dict[str, Any] | None = None) -> None: ...
+    def save(self, directory: Path, tag: str, writer: Any = None) -> None: ...
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _file_table(root: Path) -> dict[str, dict[str, Any]]:
-    return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-
-
 class SaveFailed(RuntimeError):
     """The checkpoint was not committed (disk full, I/O error, non-finite weights); nothing old was lost."""
+
+
+@dataclass
+class PendingSave:
+    """A save whose files are being written in the background; `finish` commits it."""
+
+    step: int
+    tmp: Path
+    final: Path
+    engine_names: list[str]
+    metadata: dict[str, Any]
+    error: BaseException | None = None  # this rank's error before its writes were queued
+
+
+def start(
+    engines: Iterable[SavesItself],
+    state: dict[str, Any],
+    root: Path,
+    step: int,
+    *,
+    is_rank0: bool,
+    all_ok: Callable[[bool], bool],
+    writer: BackgroundWriter,
+    metadata: dict[str, Any],
+    before_commit: Callable[[], None] | None = None,
+) -> PendingSave:
+    """Collective: all ranks call it. Returns once every tensor is staged in memory (the training loop
+    may go on changing its weights); `writer` writes the files into `.tmp-step_X` in the background.
+    Raises SaveFailed on every rank when the directory cannot be created."""
+    root = Path(root)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    error: BaseException | None = None
+    try:
+        if is_rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
+            tmp.mkdir()
+    except OSError as e:
+        error = e
+    if not all_ok(error is None):  # also: the directory exists before any rank writes into it
+        if is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"cannot create {tmp}: {error or 'failed on another rank'}")
+    pending = PendingSave(step, tmp, root / step_dir_name(step), [], metadata)
+    writer.begin(tmp)
+    try:
+        for engine in engines:
+            engine.save(tmp / "engines" / engine.name, ENGINE_TAG, writer)
+            pending.engine_names.append(engine.name)
+        if is_rank0:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if before_commit is not None:
+            before_commit()
+    except OSError as e:
+        pending.error = e
+    return pending
+
+
+def finish(
+    pending: PendingSave,
+    *,
+    is_rank0: bool,
+    all_ok: Callable[[bool], bool],
+    gather: Callable[[Any], list[Any]],
+    writer: BackgroundWriter,
+    retention: Retention,
+) -> Path:
+    """Collective: waits for this rank's background writes, then rank 0 writes the MANIFEST (every
+    rank's hashes, gathered), fsyncs and renames. Returns the committed directory, or raises SaveFailed
+    on every rank after removing the partial write. Earlier commits are untouched either way: the
+    rename is the only commit."""
+    records, error = writer.wait()
+    error = pending.error or error
+    gathered = gather(({k: (r.bytes, r.sha256) for k, r in records.items()}, error and str(error)))
+    errors = [e for _, e in gathered if e]
+    tmp, final = pending.tmp, pending.final
+    if errors:  # every rank sees the same list: all raise together, none waits in a collective
+        if is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"writing checkpoint step {pending.step} failed: {errors[0]}")
+    error = None
+    try:
+        if is_rank0:
+            hashed = {k: v for rank_records, _ in gathered for k, v in rank_records.items()}
+            manifest = {
+                "format": FORMAT,
+                "step": pending.step,
+                "engines": pending.engine_names,
+                "engine_tag": ENGINE_TAG,
+                **pending.metadata,
+                "files": _file_table(tmp, hashed),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            fsync_tree(tmp, skip={tmp / k for k in hashed})  # the writers fsynced their own files
+            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+            writer.later(apply_retention, final.parent, retention)  # deletes run off the loop
+    except OSError as e:
+        error = e
+    if not all_ok(error is None):  # nobody proceeds (or exits) before the commit is visible
+        if is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"committing checkpoint step {pending.step} failed: {error or 'failed on rank 0'}")
+    return final
 
 
 def save(
@@ -63,67 +164,39 @@ def save(
     *,
     is_rank0: bool,
     all_ok: Callable[[bool], bool],
+    gather: Callable[[Any], list[Any]],
+    writer: BackgroundWriter,
     metadata: dict[str, Any],
     retention: Retention,
     before_commit: Callable[[], None] | None = None,
 ) -> Path:
-    """Collective: all ranks call it. Returns the committed directory, or raises SaveFailed on every
-    rank (they agree through `all_ok`, an all-reduce of each rank's success) after removing the
-    partial write. Earlier commits are untouched either way: the rename is the only commit."""
-    root = Path(root)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    final = root / step_dir_name(step)
-    error: BaseException | None = None
+    """A synchronous save: `start` and `finish` back to back."""
+    pending = start(
+        engines,
+        state,
+        root,
+        step,
+        is_rank0=is_rank0,
+        all_ok=all_ok,
+        writer=writer,
+        metadata=metadata,
+        before_commit=before_commit,
+    )
+    return finish(
+        pending, is_rank0=is_rank0, all_ok=all_ok, gather=gather, writer=writer, retention=retention
+    )
 
-    def phase_ok() -> bool:
-        ok = all_ok(error is None)
-        if not ok and is_rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return ok
 
-    try:
-        if is_rank0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of the same step
-            tmp.mkdir()
-    except OSError as e:
-        error = e
-    if not phase_ok():  # also: the directory exists before any rank writes into it
-        raise SaveFailed(f"cannot create {tmp}: {error or 'failed on another rank'}")
-    engine_names = []
-    try:
-        for engine in engines:
-            engine.save(tmp / "engines" / engine.name, ENGINE_TAG)
-            engine_names.append(engine.name)
-        if before_commit is not None:
-            before_commit()
-    except OSError as e:
-        error = e
-    if not phase_ok():  # every rank's partitions are written before rank 0 hashes and commits
-        raise SaveFailed(f"writing checkpoint step {step} failed: {error or 'failed on another rank'}")
-    try:
-        if is_rank0:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                "engines": engine_names,
-                "engine_tag": ENGINE_TAG,
-                **metadata,
-                "files": _file_table(tmp),
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            fsync_tree(tmp)
-            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(root)
-            apply_retention(root, retention)
-    except OSError as e:
-        error = e
-    if not phase_ok():  # nobody proceeds (or exits) before the commit is visible
-        raise SaveFailed(f"committing checkpoint step {step} failed: {error or 'failed on another rank'}")
-    return final
+def _file_table(root: Path, hashed: dict[str, tuple[int, str]]) -> dict[str, dict[str, Any]]:
+    """Every file's size and sha256: from the writers where they hashed it, else read now (small
+    metadata files DeepSpeed writes itself)."""
+    table = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = str(p.relative_to(root))
+            size, digest = hashed[rel] if rel in hashed else (p.stat().st_size, sha256_file(p))
+            table[rel] = {"bytes": size, "sha256": digest}
+    return table
 
 
 def remove_debris(root: Path) -> list[Path]:
@@ -165,19 +238,28 @@ def find(target: Path) -> Path | None:
 
 def apply_retention(root: Path, retention: Retention) -> list[Path]:
     """Delete commits that retention does not keep; returns the deleted ones."""
-    found = committed(root)
-    keep = set(found[-retention.keep_last :])
-    if retention.keep_best:
-        scored = []
-        for ckpt in found:
-            value = read_manifest(ckpt).get("metrics", {}).get(retention.metric)
-            if value is not None:
-                scored.append((value if retention.mode == "max" else -value, ckpt))
-        keep |= {ckpt for _, ckpt in sorted(scored, key=lambda t: t[0], reverse=True)[: retention.keep_best]}
-    deleted = [ckpt for ckpt in found if ckpt not in keep]
+    root = Path(root)
+    names = [c.name for c in committed(root)]
+    deleted = [
+        root / name for name in not_retained(names, lambda name: read_manifest(root / name), retention)
+    ]
     for ckpt in deleted:
         shutil.rmtree(ckpt, ignore_errors=True)
     return deleted
+
+
+def not_retained(names: list[str], manifest_of: Callable[[Any], dict], retention: Retention) -> list[str]:
+    """Which of the commits `names` (oldest first) retention deletes. `manifest_of(name)` reads a
+    MANIFEST (only called when keep_best is set), so local dirs and remote stores share the rule."""
+    keep = set(names[-retention.keep_last :])
+    if retention.keep_best:
+        scored = []
+        for name in names:
+            value = manifest_of(name).get("metrics", {}).get(retention.metric)
+            if value is not None:
+                scored.append((value if retention.mode == "max" else -value, name))
+        keep |= {name for _, name in sorted(scored, key=lambda t: t[0], reverse=True)[: retention.keep_best]}
+    return [name for name in names if name not in keep]
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
@@ -208,18 +290,6 @@ def verify(ckpt: Path) -> dict[str, Any]:
         if sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {rel} does not match its sha256 (corrupt)")
     return manifest
-
-
-def newest_verified(root: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest committed checkpoint whose files verify; a bad one is skipped with a warning naming
-    the bad file, falling back to the previous commit."""
-    for ckpt in reversed(committed(root)):
-        try:
-            verify(ckpt)
-            return ckpt
-        except CheckpointError as e:
-            warn(f"skipping checkpoint {ckpt.name}: {e}")
-    return None
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

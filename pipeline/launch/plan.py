@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import models
-from pipeline.checkpoint import commit
+from pipeline.checkpoint import commit, store
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_shard_count
@@ -72,7 +72,8 @@ class Plan:
             f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
             f"resume        {f'from {self.resume_from}' if self.resume_from else 'fresh start'}",
             f"eval          every {cfg.train.eval_every or 'end'}; checkpoint every "
-            f"{cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep_last}) in {cfg.checkpoint_dir}",
+            f"{cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep_last}) in "
+            f"{store.for_config(cfg).describe()}",
         ]
         return "\n".join(lines)
 
@@ -95,27 +96,26 @@ def _warn(message: str) -> None:
 
 
 def resume_point(cfg: Config) -> Path | None:
-    """Which checkpoint `resume` means: auto (newest verified, else fresh) | never | PATH (must verify)."""
-    root = cfg.checkpoint_dir
-    if cfg.resume == "never":
-        if commit.committed(root):
-            raise ConfigError(
-                f"config key 'resume': resume=never but {root} already holds checkpoints; set another "
-                "run_dir (or name) for a fresh run, or resume=auto to continue this one"
-            )
-        return None
-    if cfg.resume == "auto":
-        ckpt = commit.newest_verified(root, warn=_warn)
-    else:
-        path = commit.find(Path(cfg.resume))  # a checkpoint, or a run dir's newest commit
+    """Which checkpoint `resume` means: auto (newest verified, else fresh) | never | PATH (must verify).
+    With checkpoints on object storage, the chosen one is downloaded into the local checkpoint dir."""
+    where = store.for_config(cfg)
+    try:
+        if cfg.resume == "never":
+            if where.has_commits():
+                raise ConfigError(
+                    f"config key 'resume': resume=never but {where.describe()} already holds checkpoints; "
+                    "set another run_dir (or name) for a fresh run, or resume=auto to continue this one"
+                )
+            return None
+        if cfg.resume == "auto":
+            return where.newest_verified(warn=_warn)
+        path = store.resolve_path(cfg.resume, where)  # a checkpoint, or a run dir's newest commit
         if path is None:
             raise ConfigError(f"config key 'resume': no committed checkpoint at {cfg.resume}")
-        try:
-            commit.verify(path)
-        except commit.CheckpointError as e:
-            raise ConfigError(f"config key 'resume': {e}") from None
-        ckpt = path
-    return ckpt
+        commit.verify(path)
+        return path
+    except commit.CheckpointError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
 
 
 def make_plan(cfg: Config) -> Plan:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline import models
-from pipeline.checkpoint import commit
+from pipeline.checkpoint import commit, store
 from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
@@ -119,68 +119,6 @@ def next_good_batch(batches: TrainBatches, counters: DataCounters) -> Batch:
             return batch
 
 
-def _model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
-    return {
-        "model": {
-            "name": cfg.model.name,
-            "args": cfg.model.args,
-            "input_shape": spec.sample_shape,
-            "num_classes": spec.num_classes,
-        },
-        "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
-        "precision": cfg.precision,
-        "zero_stage": cfg.zero.stage,
-    }
-
-
-def save_checkpoint(
-    engine: Engine,
-    state: TrainState,
-    batches: TrainBatches,
-    cfg: Config,
-    spec: DataSpec,
-    env: WorkerEnv,
-    tracker: Any,
-    faults: Faults,
-    metrics: dict[str, Any],
-) -> bool:
-    """Collective. Commit a checkpoint of everything a resume needs; False (and an event) if it failed."""
-    state.data_cursor = data_cursor.merge_rank_states(dist.gather_objects(batches.local_state())).to_dict()
-    state.rng = dist.gather_objects(persist.rng_state())
-    dist.average_buffers(engine.module)  # the saved statistics are every rank's
-    if not dist.all_true(engine.is_finite()):
-        tracker.event("checkpoint_refused", step=state.step, reason="non-finite weights")
-        return False
-    try:
-        path = commit.save(
-            [engine],
-            state.to_dict(),
-            cfg.checkpoint_dir,
-            state.step,
-            is_rank0=env.is_rank0,
-            all_ok=dist.all_true,
-            retention=commit.Retention(
-                cfg.checkpoint.keep_last,
-                cfg.checkpoint.keep_best,
-                cfg.checkpoint.best_metric,
-                cfg.checkpoint.best_mode,
-            ),
-            metadata={
-                **_model_metadata(cfg, spec),
-                "world_size": env.world_size,
-                "config_digest": state.config_digest,
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-            },
-            before_commit=lambda: faults.in_save(state.step),
-        )
-    except commit.SaveFailed as e:
-        print(f"warning: checkpoint not saved, training goes on: {e}", flush=True)
-        tracker.event("checkpoint_failed", step=state.step, error=str(e))
-        return False
-    tracker.event("checkpoint_commit", step=state.step, path=str(path), weights=engine.weights_checksum())
-    return True
-
-
 def _attempt(run_dir: Path, launch_id: str, is_rank0: bool) -> int:
     """How many times this launch's workers have started before (Ray restarts them after a failure)."""
     attempt = 0
@@ -205,7 +143,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     attempt = _attempt(run_dir, env.extra.get("launch_id", ""), env.is_rank0)
     resume_from = persist.agree_resume_point(cfg, resume_from, env.is_rank0)
     if env.is_rank0:
-        commit.remove_debris(cfg.checkpoint_dir)  # partial saves of a run that died mid-write
+        store.for_config(cfg).remove_debris()  # partial saves and uploads of a run that died mid-write
 
     # Same seed on every rank for the initial weights (ZeRO-3 partitions each rank's own copy),
     # then a per-rank seed so dropout masks differ between ranks.
@@ -272,7 +210,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     ledger = JsonlWriter(run_dir / "ledger" / f"rank{env.rank}.jsonl") if cfg.data.ledger else None
     counters = DataCounters()
     final: dict[str, Any] = {}
-    nonfinite_in_a_row = save_failures_in_a_row = 0
+    nonfinite_in_a_row = 0
+    checkpointer = persist.Checkpointer(cfg, spec, env.is_rank0, env.world_size, tracker)
     resumed_at = state.step
     preempted = False
 
@@ -292,9 +231,16 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             if faults.nan_loss(step):
                 loss = loss * float("nan")
             # One tiny all-reduce per micro-batch, and the step's only host sync: every rank must agree
-            # to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's collectives) and
-            # to stop for a preemption at the same step.
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(stop.requested())])
+            # to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's collectives), to
+            # stop for a preemption at the same step, and on when all background checkpoint writes are
+            # done (then the commit, itself collective, cannot block).
+            flags = torch.stack(
+                [
+                    (~torch.isfinite(loss.detach())).float(),
+                    loss.new_tensor(stop.requested()),
+                    loss.new_tensor(checkpointer.busy()),
+                ]
+            )
             flags = dist.all_reduce(flags.float(), "max").tolist()
             if flags[0]:
                 skipped = True
@@ -362,23 +308,20 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             state.best["eval/accuracy"] = max(best, eval_metrics["eval/accuracy"])
             window_start = time.perf_counter()  # eval time is not training throughput
 
+        if checkpointer.pending is not None and not flags[2]:
+            checkpointer.finish(must_commit=False)
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps or preempted:
             counters.sync(state, tracker, cfg, spec, env.device)
-            if save_checkpoint(engine, state, batches, cfg, spec, env, tracker, faults, final):
-                save_failures_in_a_row = 0
-                final["checkpoint"] = str(cfg.checkpoint_dir / commit.step_dir_name(step))
-            else:
-                save_failures_in_a_row += 1
-                if save_failures_in_a_row >= cfg.checkpoint.max_save_failures or preempted:
-                    raise commit.SaveFailed(
-                        f"{save_failures_in_a_row} checkpoint save(s) in a row failed "
-                        f"(checkpoint.max_save_failures={cfg.checkpoint.max_save_failures})"
-                    )
+            last = step == cfg.train.max_steps or preempted  # committed before the process may exit
+            checkpointer.save(engine, state, batches, final, lambda: faults.in_save(state.step), wait=last)
+            if checkpointer.last_commit is not None:
+                final["checkpoint"] = str(checkpointer.last_commit)
             window_start = time.perf_counter()
         if preempted:
             tracker.event("preempted", step=step, signal=stop.signalled)
             break
 
+    checkpointer.close()
     if "eval/accuracy" not in final and not preempted:  # resumed a finished run: report where it stands
         final.update(evaluate(engine, spec, cfg, env))
     final |= {

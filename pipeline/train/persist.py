@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import commit, universal
+from pipeline.checkpoint import commit, store, universal
+from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
+from pipeline.data import cursor as data_cursor
+from pipeline.data.shards import DataSpec
 from pipeline.train import distributed as dist
 
 
@@ -24,7 +27,7 @@ def agree_resume_point(cfg: Config, given: str | None, is_rank0: bool) -> str | 
     commit is the right one. Rank 0 decides (verification reads files), everyone follows."""
     choice = given
     if is_rank0:
-        newest = commit.newest_verified(cfg.checkpoint_dir, warn=lambda m: print(f"warning: {m}", flush=True))
+        newest = store.for_config(cfg).newest_verified(warn=lambda m: print(f"warning: {m}", flush=True))
         if newest is not None and (given is None or _step_of(newest) > _step_of(Path(given))):
             choice = str(newest)
     return dist.broadcast_object(choice)
@@ -54,6 +57,154 @@ def prepare_engine_load(
     if error:
         raise commit.CheckpointError(error)
     return universal.universal_dir(ckpt, engine), universal.UNIVERSAL_TAG, True
+
+
+class Checkpointer:
+    """The saves of one worker. A save starts at a due step (the loop waits only while tensors are
+    staged in memory) and is finished (MANIFEST + rename) once every rank's background writes are done,
+    which the loop learns from the per-step flags all-reduce (`busy`), or at once with `wait`.
+    `checkpoint.async_save=false` finishes every save before training goes on."""
+
+    def __init__(self, cfg: Config, spec: DataSpec, is_rank0: bool, world_size: int, tracker: Any) -> None:
+        self.cfg, self.spec, self.is_rank0, self.world_size, self.tracker = (
+            cfg,
+            spec,
+            is_rank0,
+            world_size,
+            tracker,
+        )
+        self.writer = BackgroundWriter()
+        self.store = store.for_config(cfg)
+        self.retention = commit.Retention(
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_best,
+            cfg.checkpoint.best_metric,
+            cfg.checkpoint.best_mode,
+        )
+        self.pending: commit.PendingSave | None = None
+        self.pending_weights: tuple[float, float] | None = None
+        self.failures_in_a_row = 0
+        self.last_commit: Path | None = None
+
+    def busy(self) -> float:
+        """1.0 while this rank still writes a pending save (for the step flags all-reduce)."""
+        return float(self.pending is not None and not self.writer.done())
+
+    def save(
+        self,
+        engine: Any,
+        state: Any,
+        batches: Any,
+        metrics: dict[str, Any],
+        before_commit: Any,
+        wait: bool,
+    ) -> None:
+        """Collective. Start a checkpoint of everything a resume needs; with `wait` (or synchronous
+        saves), also finish it. Raises SaveFailed after `checkpoint.max_save_failures` failures in a
+        row, or when `wait` (a preemption's save) fails."""
+        if self.pending is not None:
+            self.finish(must_commit=False)  # its writes had a whole checkpoint interval to finish
+        cfg = self.cfg
+        state.data_cursor = data_cursor.merge_rank_states(
+            dist.gather_objects(batches.local_state())
+        ).to_dict()
+        state.rng = dist.gather_objects(rng_state())
+        dist.average_buffers(engine.module)  # the saved statistics are every rank's
+        if not dist.all_true(engine.is_finite()):
+            self.tracker.event("checkpoint_refused", step=state.step, reason="non-finite weights")
+            self._failed(state.step, "non-finite weights", must_commit=wait)
+            return
+        weights = engine.weights_checksum()  # collective; taken now, the weights change after
+        try:
+            self.pending = commit.start(
+                [engine],
+                state.to_dict(),
+                cfg.checkpoint_dir,
+                state.step,
+                is_rank0=self.is_rank0,
+                all_ok=dist.all_true,
+                writer=self.writer,
+                metadata={
+                    **model_metadata(cfg, self.spec),
+                    "world_size": self.world_size,
+                    "config_digest": state.config_digest,
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                },
+                before_commit=before_commit,
+            )
+        except commit.SaveFailed as e:
+            self._failed(state.step, str(e), must_commit=wait)
+            return
+        self.pending_weights = weights
+        if wait or not cfg.checkpoint.async_save:
+            self.finish(must_commit=wait)
+
+    def finish(self, must_commit: bool = True) -> None:
+        """Collective. Commit the pending save (waiting for this rank's writes)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            path = commit.finish(
+                pending,
+                is_rank0=self.is_rank0,
+                all_ok=dist.all_true,
+                gather=dist.gather_objects,
+                writer=self.writer,
+                retention=self.retention,
+            )
+        except commit.SaveFailed as e:
+            self._failed(pending.step, str(e), must_commit)
+            return
+        self.failures_in_a_row = 0
+        self.last_commit = path
+        self.tracker.event(
+            "checkpoint_commit", step=pending.step, path=str(path), weights=self.pending_weights
+        )
+        if self.is_rank0:
+            self._report_uploads(wait=False)
+            self.store.publish(path, self.retention)
+
+    def close(self) -> None:
+        """Collective: commit what is pending, wait for uploads, stop the writer threads."""
+        self.finish()
+        if self.is_rank0:
+            self._report_uploads(wait=True)
+        self.writer.close()
+
+    def _report_uploads(self, wait: bool) -> None:
+        # An upload failure leaves the local commit (resumable on this filesystem): warn, go on.
+        for ckpt, url, error in self.store.finished_uploads(wait):
+            if error:
+                print(f"warning: checkpoint {ckpt.name} not uploaded: {error}", flush=True)
+                self.tracker.event("checkpoint_upload_failed", path=str(ckpt), error=error)
+            else:
+                self.tracker.event("checkpoint_upload", path=str(ckpt), url=url)
+
+    def _failed(self, step: int, error: str, must_commit: bool) -> None:
+        print(f"warning: checkpoint of step {step} not saved, training goes on: {error}", flush=True)
+        self.tracker.event("checkpoint_failed", step=step, error=error)
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.cfg.checkpoint.max_save_failures or must_commit:
+            raise commit.SaveFailed(
+                f"{self.failures_in_a_row} checkpoint save(s) in a row failed "
+                f"(checkpoint.max_save_failures={self.cfg.checkpoint.max_save_failures}); last: {error}"
+            )
+
+
+def model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
+    """What `pipeline eval`/`export` need to rebuild the model from a checkpoint alone."""
+    return {
+        "model": {
+            "name": cfg.model.name,
+            "args": cfg.model.args,
+            "input_shape": spec.sample_shape,
+            "num_classes": spec.num_classes,
+        },
+        "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
+        "precision": cfg.precision,
+        "zero_stage": cfg.zero.stage,
+    }
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,7 +1,5 @@
 """Shards on a real S3-compatible server (moto's server mode on 127.0.0.1) train exactly like local ones."""
 
-import socket
-
 import pytest
 
 from pipeline import config, launch
@@ -11,24 +9,11 @@ from tests.helpers import read_jsonl
 pytestmark = pytest.mark.dist
 
 
-@pytest.fixture
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.mark.timeout(300)
-def test_s3_shards_train_like_local_shards(digits_dir, tmp_path, s3_server):
+def test_s3_shards_train_like_local_shards(digits_dir, tmp_path, s3_endpoint):
     import s3fs
 
-    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_server}
+    options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("datasets")
     fs.put(str(digits_dir), "datasets/digits", recursive=True)
@@ -40,7 +25,7 @@ def test_s3_shards_train_like_local_shards(digits_dir, tmp_path, s3_server):
     for name, train in (("local", str(digits_dir)), ("s3", "s3://datasets/digits")):
         overrides = [*common, f"data.train={train}", f"run_dir={tmp_path / name}"]
         if name == "s3":
-            overrides.append("data.storage_options={key: testing, secret: testing, endpoint_url: %s}" % s3_server)
+            overrides.append("data.storage_options={key: testing, secret: testing, endpoint_url: %s}" % s3_endpoint)
         cfg = config.load("configs/smoke.yaml", overrides)
         plan = make_plan(cfg)
         assert plan.spec.train_urls[0].startswith("s3://" if name == "s3" else "/")

@@ -1,0 +1,79 @@
+"""The background checkpoint writer: what it writes is the state at submit time, hashed right."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from pipeline.checkpoint.writer import BackgroundWriter
+from pipeline.files import sha256_file
+
+
+class Scaler:
+    """Stands for DeepSpeed's loss scaler: a plain object changed in place at later steps."""
+
+    def __init__(self) -> None:
+        self.scale = 1024.0
+
+
+def test_files_hold_the_state_at_submit_time_and_their_hashes(tmp_path):
+    writer = BackgroundWriter()
+    weights = torch.arange(1_000_000, dtype=torch.float32)
+    view = weights[10:20]  # a view: written as a compact copy, not the whole storage
+    scaler = Scaler()
+    state = {"w": weights, "view": view, "nested": [{"step": torch.tensor(3)}, (1, "a")], "scaler": scaler}
+    try:
+        for round_ in range(2):  # the second save reuses the staging buffers of the first
+            root = tmp_path / f"save{round_}"
+            root.mkdir()
+            writer.begin(root)
+            writer.submit(state, root / "a.pt")
+            writer.submit({"only": weights[:5]}, root / "sub.pt")
+            expected = weights.clone()
+            weights.add_(1.0)  # the loop goes on training right away
+            scaler.scale = 1.0
+            records, error = writer.wait()
+            assert error is None and set(records) == {"a.pt", "sub.pt"}
+            for name, record in records.items():
+                assert record.bytes == (root / name).stat().st_size
+                assert record.sha256 == sha256_file(root / name)
+            loaded = torch.load(root / "a.pt", weights_only=False)
+            assert torch.equal(loaded["w"], expected)
+            assert torch.equal(loaded["view"], expected[10:20])
+            assert loaded["view"].untyped_storage().nbytes() == 40
+            assert loaded["nested"] == [{"step": torch.tensor(3)}, (1, "a")]
+            assert loaded["scaler"].scale == 1024.0
+            scaler.scale = 1024.0
+        assert torch.serialization.get_crc32_options()  # switched off only while our writes ran
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs; needs root, as CI runs) to fill up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the injected ENOSPC fault test still runs")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_reported_not_raised(full_disk):
+    writer = BackgroundWriter()
+    try:
+        writer.begin(full_disk)
+        writer.submit({"w": torch.ones(1_000_000)}, full_disk / "a.pt")  # 4 MB into 1 MiB
+        records, error = writer.wait()
+        assert records == {} and "0 MB free in" in str(error)  # a full disk, said in words
+        assert writer.done()
+        writer.begin(full_disk)  # the writer stays usable once space is back
+        (full_disk / "a.pt").unlink()
+        writer.submit({"w": torch.ones(1000)}, full_disk / "b.pt")
+        records, error = writer.wait()
+        assert error is None and records["b.pt"].sha256 == sha256_file(full_disk / "b.pt")
+    finally:
+        writer.close()
