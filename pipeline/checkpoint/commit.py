@@ -113,7 +113,7 @@ def finish(
     all_ok: Callable[[bool], bool],
     gather: Callable[[Any], list[Any]],
     writer: BackgroundWriter,
-    retention: Retention,
+    retention: Retention | None,
 ) -> Path:
     """Collective: waits for this rank's background writes, then rank 0 writes the MANIFEST (every
     rank's hashes, gathered), fsyncs and renames. Returns the committed directory, or raises SaveFailed
@@ -146,7 +146,8 @@ def finish(
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(final.parent)
-            writer.later(apply_retention, final.parent, retention)  # deletes run off the loop
+            if retention is not None:  # None: the caller applies it (after an upload, say)
+                writer.later(apply_retention, final.parent, retention)  # deletes run off the loop
     except OSError as e:
         error = e
     if not all_ok(error is None):  # nobody proceeds (or exits) before the commit is visible

@@ -57,7 +57,7 @@ class Store:
         return None
 
     def publish(self, ckpt: Path, retention: commit.Retention) -> None:
-        """Rank 0, after a local commit: upload it in the background, then apply retention remotely."""
+        """Rank 0, after a local commit: upload it in the background, then apply retention on both sides."""
         if self.remote is None:
             return
         if self._uploader is None:
@@ -66,10 +66,13 @@ class Store:
 
     def _upload(self, ckpt: Path, retention: commit.Retention) -> str:
         assert self.remote is not None
-        url = self.remote.upload(ckpt)
-        names = self.remote.committed()
-        for name in commit.not_retained(names, self.remote.read_manifest, retention):
-            self.remote.remove(name)
+        try:
+            url = self.remote.upload(ckpt)
+            names = self.remote.committed()
+            for name in commit.not_retained(names, self.remote.read_manifest, retention):
+                self.remote.remove(name)
+        finally:  # local retention after the upload, so it never deletes a commit being uploaded
+            commit.apply_retention(self.local, retention)
         return url
 
     def finished_uploads(self, wait: bool = False) -> list[tuple[Path, str | None, str | None]]:

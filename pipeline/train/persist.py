@@ -151,7 +151,8 @@ class Checkpointer:
                 all_ok=dist.all_true,
                 gather=dist.gather_objects,
                 writer=self.writer,
-                retention=self.retention,
+                # with a remote mirror, local retention runs after the upload (store.publish)
+                retention=None if self.store.remote else self.retention,
             )
         except commit.SaveFailed as e:
             self._failed(pending.step, str(e), must_commit)
