@@ -101,6 +101,12 @@ class CheckpointConfig(Section):
     async_save: bool = Field(
         True, description="write checkpoint files in the background; the loop waits only to stage tensors"
     )
+    max_commit_lag_steps: int = Field(
+        1,
+        ge=1,
+        description="async saves are committed at most this many steps after their step (the loop waits "
+        "for the rest of the write then); 1 keeps the steps a crash can lose to checkpoint.every",
+    )
     every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_last: int = Field(3, gt=0)
     max_save_failures: int = Field(
@@ -137,6 +143,33 @@ class InitFromConfig(Section):
     lr_mult: dict[str, float] = Field(default_factory=dict, description="LR multipliers by parameter pattern")
 
 
+class TaskConfig(Section):
+    name: Literal["classify", "next_step", "autoencoder", "vae", "gan"] = "classify"
+    args: dict[str, Any] = Field(default_factory=dict, description="the task's options (see pipeline/tasks/)")
+    optim: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-engine optimizer keys over `optim`, e.g. {discriminator: {lr: 2e-4}} for a GAN",
+    )
+    score_classifier: str | None = Field(
+        None, description="gan: a classifier checkpoint or run dir on the same data, for eval/digit_score"
+    )
+    score_samples: int = Field(500, gt=0, description="gan: generated samples per eval/digit_score")
+
+    @field_validator("optim")
+    @classmethod
+    def _optim_keys(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for engine, keys in v.items():
+            try:
+                OptimConfig(**keys)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                close = difflib.get_close_matches(where, OptimConfig.model_fields, n=1)
+                hint = f"; did you mean '{engine}.{close[0]}'?" if close else ""
+                raise ValueError(f"key '{engine}.{where}': {first['msg']}{hint}") from None
+        return v
+
+
 class ClusterConfig(Section):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train workers; local: torch.multiprocessing, no Ray (debugging)"
@@ -156,7 +189,7 @@ class Config(Section):
     seed: int = 0
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: Literal["classify"] = "classify"
+    task: TaskConfig = Field(default_factory=TaskConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -195,6 +228,10 @@ class Config(Section):
         return self
 
     # Derived values live here so every component computes them the same way.
+    def optim_for(self, engine: str) -> OptimConfig:
+        """The optimizer config of one engine: `optim` with `task.optim.<engine>` over it."""
+        return OptimConfig(**{**self.optim.model_dump(), **self.task.optim.get(engine, {})})
+
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
@@ -235,7 +272,7 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
 
 
 # Sections that also accept a plain value, meaning one key of theirs: `init_from: PATH`.
-_SHORTHAND = {"init_from": "path"}
+_SHORTHAND = {"init_from": "path", "task": "name"}  # `task: gan` is short for `task: {name: gan}`
 
 
 def _expand_shorthand(tree: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import models
+from pipeline import models, tasks
 from pipeline.checkpoint import commit, store
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
@@ -84,6 +84,8 @@ def _absolute(cfg: Config) -> Config:
     tree["run_dir"] = str(cfg.resolved_run_dir.resolve())
     if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
         tree["checkpoint"]["dir"] = str(Path(cfg.checkpoint.dir).resolve())
+    if cfg.task.score_classifier:
+        tree["task"]["score_classifier"] = os.path.abspath(cfg.task.score_classifier)
     for key in ("train", "val"):
         value = tree["data"][key]
         if value and not shards.is_remote(value):
@@ -118,6 +120,31 @@ def resume_point(cfg: Config) -> Path | None:
         raise ConfigError(f"config key 'resume': {e}") from None
 
 
+def check_task(cfg: Config, task: Any, model: Any) -> None:
+    """That the model has the parts the task trains, and per-engine optimizer keys."""
+    try:
+        task.split(model)
+    except AttributeError:
+        raise ConfigError(
+            f"config key 'task.name': task '{cfg.task.name}' trains {', '.join(task.ENGINES)}, which model "
+            f"'{cfg.model.name}' does not have (e.g. task gan needs model.name=dcgan)"
+        ) from None
+    for engine in cfg.task.optim:
+        if engine not in task.ENGINES:
+            raise ConfigError(
+                f"config key 'task.optim.{engine}': task '{cfg.task.name}' has no engine '{engine}' "
+                f"(its engines: {', '.join(task.ENGINES)})"
+            )
+    if cfg.task.score_classifier and cfg.task.name != "gan":
+        raise ConfigError("config key 'task.score_classifier': only task gan scores samples")
+    if cfg.task.score_classifier and commit.find(Path(cfg.task.score_classifier)) is None:
+        _warn(
+            f"task.score_classifier: no checkpoint at {cfg.task.score_classifier}, so no eval/digit_score; "
+            "train the classifier first (e.g. `pipeline train configs/cnn-mnist5k.yaml`)"
+        )
+        cfg.task.score_classifier = None  # cfg is the plan's own copy (see _absolute)
+
+
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
     spec = shards.resolve(
@@ -128,7 +155,11 @@ def make_plan(cfg: Config) -> Plan:
         image_size=cfg.data.image_size,
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
-    model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
+    task = tasks.build(cfg.task.name, cfg.task.args)
+    model = models.build(
+        cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
+    )
+    check_task(cfg, task, model)
     finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2
     finetune.freeze(model, cfg.init_from)
     trainable, frozen = models.count_parameters(model)

@@ -1,7 +1,9 @@
 """Pure nn.Module models and the registry that builds them from `model.name` + `model.args`.
 
-Every model takes `input_shape` (C, H, W) and `num_classes` from the data (the MANIFEST), so one recipe
-runs on 8x8 digits and 28x28 MNIST alike; the user sets the rest through `model.args`.
+Every model takes `input_shape` ((C, H, W) images; (T, F) or (T,) series for the recurrent nets) and
+`num_classes` from the data (the MANIFEST), so one recipe runs on 8x8 digits and 28x28 MNIST alike;
+the user sets the rest through `model.args`. Models that do not classify (dcgan, autoencoder, vae)
+accept `num_classes` and ignore it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,26 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.models.autoencoder import ConvAutoencoder, ConvVAE
 from pipeline.models.cnn import SmallCNN
+from pipeline.models.gan import DCGAN
 from pipeline.models.layers import ACTIVATIONS
 from pipeline.models.mlp import MLP
+from pipeline.models.resnet import ResNet18, ResNet34, ResNet50
+from pipeline.models.rnn import GRUNet, LSTMNet
 
-REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+REGISTRY: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "lstm": LSTMNet,
+    "gru": GRUNet,
+    "dcgan": DCGAN,
+    "autoencoder": ConvAutoencoder,
+    "vae": ConvVAE,
+}
 
 _FROM_DATA = ("input_shape", "num_classes")
 
@@ -39,9 +56,10 @@ def check_args(name: str, args: dict[str, Any]) -> None:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"; did you mean 'model.args.{close[0]}'?" if close else f"; valid: {', '.join(allowed)}"
             raise ConfigError(f"unknown config key 'model.args.{key}' for model '{name}'{hint}")
-        if key == "activation" and value not in ACTIVATIONS:
+        # "activation" and per-part ones such as dcgan's "g_activation" / "d_activation"
+        if (key == "activation" or key.endswith("_activation")) and value not in ACTIVATIONS:
             raise ConfigError(
-                f"config key 'model.args.activation': '{value}' is not one of {', '.join(ACTIVATIONS)}"
+                f"config key 'model.args.{key}': '{value}' is not one of {', '.join(ACTIVATIONS)}"
             )
 
 

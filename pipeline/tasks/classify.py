@@ -1,36 +1,59 @@
-"""Classification: cross-entropy loss, accuracy.
+"""Classification: cross-entropy loss, accuracy and top-k accuracy. Also the sequence classifiers (an
+LSTM/GRU reading an image row by row is a classifier too).
 
-`train_step` returns the loss to backpropagate and detached metric tensors; nothing here calls
-`.item()`, so no host-device sync happens per step (the loop syncs when it logs).
+Nothing here calls `.item()`: no host-device sync per step (the loop syncs when it logs).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from pipeline.tasks.base import Agree, Task, single_update
 
 
-def train_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    accuracy = (logits.argmax(dim=1) == y).float().mean()
-    return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
+class ClassifyTask(Task):
+    ARGS = ("top_k", "label_smoothing")
+    EVAL_SUMS = 4
 
+    def __init__(self, top_k: int = 5, label_smoothing: float = 0.0) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = top_k
+        self.label_smoothing = label_smoothing
 
-@torch.no_grad()
-def eval_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[sum of losses, correct predictions, samples] for one batch, to be summed across batches/ranks."""
-    logits = model(x).float()
-    loss_sum = F.cross_entropy(logits, y, reduction="sum")
-    correct = (logits.argmax(dim=1) == y).sum()
-    return torch.stack([loss_sum, correct.float(), torch.tensor(float(len(y)), device=logits.device)])
+    def train_step(
+        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        logits = engines["model"](x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        done = single_update(engines["model"], loss, agree)
+        return {"loss": loss.detach()}, not done
 
+    @torch.no_grad()
+    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[sum of losses, correct, correct in top k, samples] for one batch."""
+        logits = engines["model"](x).float()
+        k = min(self.top_k, logits.shape[1])
+        in_top_k = (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1)
+        return torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum"),
+                (logits.argmax(dim=1) == y).sum().float(),
+                in_top_k.sum().float(),
+                torch.tensor(float(len(y)), device=logits.device),
+            ]
+        )
 
-def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
-    loss_sum, correct, count = sums.tolist()
-    if count == 0:
-        return {"eval/loss": float("nan"), "eval/accuracy": float("nan"), "eval/samples": 0}
-    return {"eval/loss": loss_sum / count, "eval/accuracy": correct / count, "eval/samples": int(count)}
+    def eval_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        loss_sum, correct, correct_k, count = sums.tolist()
+        if count == 0:
+            return {"eval/loss": float("nan"), "eval/accuracy": float("nan"), "eval/samples": 0}
+        return {
+            "eval/loss": loss_sum / count,
+            "eval/accuracy": correct / count,
+            f"eval/top{self.top_k}_accuracy": correct_k / count,
+            "eval/samples": int(count),
+        }

@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 
-from pipeline import models
+from pipeline import models, tasks
 from pipeline.checkpoint import commit, export
 from pipeline.config import Config
 from pipeline.data.shards import DataSpec
 from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import normalize
-from pipeline.tasks import classify
 
 
 def find_checkpoint(target: Path) -> Path:
@@ -26,16 +25,19 @@ def find_checkpoint(target: Path) -> Path:
 
 
 def evaluate_checkpoint(cfg: Config, spec: DataSpec, ckpt: Path) -> dict[str, Any]:
-    meta = commit.read_manifest(ckpt)["model"]
+    """The run's task metrics of a checkpoint: every engine's consolidated weights, one process."""
+    manifest = commit.read_manifest(ckpt)
+    meta = manifest["model"]
     model = models.build(meta["name"], meta["args"], meta["input_shape"], meta["num_classes"])
-    model.load_state_dict(export.consolidated_state_dict(ckpt), strict=True)  # verifies the files first
+    task_meta = manifest.get("task", {"name": "classify", "args": {}})
+    task = tasks.build(task_meta["name"], task_meta["args"])
+    parts = task.split(model)
+    for name, module in parts.items():  # verifies the files first
+        module.load_state_dict(export.consolidated_state_dict(ckpt, name), strict=True)
     model.eval()
-    sums = torch.zeros(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+    mean, std = task.normalization(spec.mean, spec.std)
+    sums = torch.zeros(task.EVAL_SUMS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         for batch in eval_batches(spec, cfg.data, rank=0, world_size=1):
-            sums += classify.eval_sums(model, normalize(batch.x, spec.mean, spec.std), batch.y)
-    return {
-        "checkpoint": str(ckpt),
-        "step": commit.read_manifest(ckpt)["step"],
-        **classify.eval_metrics(sums),
-    }
+            sums += task.eval_sums(parts, normalize(batch.x, mean, std), batch.y)
+    return {"checkpoint": str(ckpt), "step": manifest["step"], **task.eval_metrics(sums)}

@@ -7,6 +7,7 @@ saves. Whether they are due depends only on `step`, which all ranks share, so no
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,19 +15,20 @@ from typing import Any
 
 import torch
 
-from pipeline import models
+from pipeline import tasks
 from pipeline.checkpoint import commit, store
 from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
-from pipeline.data.stream import Batch, TrainBatches, eval_batches
+from pipeline.data.stream import Batch, TrainBatches
 from pipeline.data.transforms import normalize
-from pipeline.engine import Engine, build_engine
-from pipeline.tasks import classify
+from pipeline.tasks import gan
 from pipeline.tracking import JsonlWriter, make_tracker
 from pipeline.train import distributed as dist
-from pipeline.train import finetune, persist
+from pipeline.train import evaluation, persist
+from pipeline.train.engines import build_engines
 from pipeline.train.faults import Faults
+from pipeline.train.persist import weights_checksum
 from pipeline.train.signals import StopRequest
 from pipeline.train.state import TrainState
 
@@ -57,30 +59,6 @@ class WorkerEnv:
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def evaluate(engine: Engine, spec: DataSpec, cfg: Config, env: WorkerEnv) -> dict[str, float]:
-    """One pass over the val shards, split across ranks; sums are all-reduced."""
-    dist.average_buffers(engine.module)
-    engine.train(False)
-    sums = torch.zeros(3, device=env.device)
-    batches = eval_batches(spec, cfg.data, env.rank, env.world_size)
-    dummy = torch.zeros(1, *spec.sample_shape, device=env.device)
-    while True:
-        batch = next(batches, None)
-        # Ranks may hold different numbers of val batches. Under ZeRO-3 every forward is a collective
-        # (parameter all-gather), so all ranks loop until none has data; a rank that ran out runs a
-        # forward on a dummy input and discards it.
-        has_data = torch.tensor([0.0 if batch is None else 1.0], device=env.device)
-        if dist.all_reduce(has_data, "max").item() == 0:
-            break
-        if batch is None:
-            engine(dummy)
-            continue
-        x = normalize(batch.x.to(env.device), spec.mean, spec.std)
-        sums += classify.eval_sums(engine, x, batch.y.to(env.device))
-    engine.train(True)
-    return classify.eval_metrics(dist.all_reduce(sums))
 
 
 @dataclass
@@ -119,6 +97,40 @@ def next_good_batch(batches: TrainBatches, counters: DataCounters) -> Batch:
             return batch
 
 
+def evaluate_all(
+    engines: dict[str, Any],
+    task: Any,
+    spec: DataSpec,
+    cfg: Config,
+    env: WorkerEnv,
+    step: int,
+    fixed_x: torch.Tensor | None,
+    classifier: evaluation.Classifier | None,
+) -> dict[str, float]:
+    """Collective: the task's val metrics; for generative tasks also the image grid (rank 0 writes
+    samples/step_X.png) and, for a GAN with `task.score_classifier`, eval/digit_score."""
+    metrics = evaluation.evaluate(engines, task, spec, cfg, env.device)
+    if fixed_x is not None:
+        for engine in engines.values():
+            engine.train(False)
+        images = task.grid(engines, fixed_x)
+        for engine in engines.values():
+            engine.train(True)
+        if images is not None and env.is_rank0:
+            evaluation.write_grid(images, spec, cfg.resolved_run_dir / "samples" / f"step_{step:08d}.png")
+    if classifier is not None and "generator" in engines:
+        metrics["eval/digit_score"] = evaluation.digit_score(
+            engines["generator"],
+            gan.latent_dim_of(engines["generator"]),
+            classifier,
+            spec,
+            cfg.task.score_samples,
+            env.device,
+            cfg.seed,
+        )
+    return metrics
+
+
 def _attempt(run_dir: Path, launch_id: str, is_rank0: bool) -> int:
     """How many times this launch's workers have started before (Ray restarts them after a failure)."""
     attempt = 0
@@ -145,35 +157,12 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     if env.is_rank0:
         store.for_config(cfg).remove_debris()  # partial saves and uploads of a run that died mid-write
 
-    # Same seed on every rank for the initial weights (ZeRO-3 partitions each rank's own copy),
-    # then a per-rank seed so dropout masks differ between ranks.
-    torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model.name, cfg.model.args, spec.sample_shape, spec.num_classes)
-    if not resume_from:  # a resumed fine-tuning run gets its weights from its own checkpoint
-        finetune.apply_init(model, cfg.init_from)
-    frozen = finetune.freeze(model, cfg.init_from)
-    load_dir, load_tag, universal = (
-        persist.prepare_engine_load(resume_from, env.world_size, "model", env.is_rank0)
-        if resume_from
-        else (None, None, False)
-    )
-    engine = build_engine(
-        "model",
-        model,
-        optim=cfg.optim,
-        train=cfg.train,
-        precision=cfg.precision,
-        zero=cfg.zero,
-        raw=cfg.deepspeed,
-        micro_batch_size=cfg.data.batch_size,
-        load_universal=universal,
-        lr_mult=cfg.init_from.lr_mult,
-        delayed=frozen if cfg.init_from.unfreeze_at_step else None,
-        start_step=cfg.init_from.unfreeze_at_step,
-    )
-    torch.manual_seed(cfg.seed * 100_003 + env.rank)
+    task = tasks.build(cfg.task.name, cfg.task.args)
+    mean, std = task.normalization(spec.mean, spec.std)
+    spec = dataclasses.replace(spec, mean=mean, std=std)  # the space the models see (and grids undo)
+    engines, universal = build_engines(cfg, spec, task, env.rank, env.world_size, resume_from)
+    main = engines[task.ENGINES[0]]  # whose LR and grad norm are logged as train/lr, train/grad_norm
     if resume_from:
-        engine.load(load_dir, load_tag)
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
 
@@ -195,7 +184,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             from_step=state.step,
             checkpoint=resume_from,
             universal=universal,
-            weights=engine.weights_checksum(),
+            weights=weights_checksum(engines),
         )
     cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
     batches = TrainBatches(
@@ -215,9 +204,29 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     resumed_at = state.step
     preempted = False
 
-    window_loss = torch.zeros((), device=env.device)
+    flags = [0.0, 0.0, 0.0]
+
+    def agree(loss: torch.Tensor) -> bool:
+        """Collective, before every backward. One tiny all-reduce, the step's only host sync: every
+        rank must agree to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's
+        collectives), to stop for a preemption at the same step, and on when all background checkpoint
+        writes are done (then the commit, itself collective, cannot block)."""
+        nonlocal flags
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if faults.nan_loss(step):
+            bad = torch.ones_like(bad)
+        local = torch.stack([bad, bad.new_tensor(stop.requested()), bad.new_tensor(checkpointer.busy())])
+        flags = dist.all_reduce(local, "max").tolist()
+        return not flags[0]
+
+    fixed_x = evaluation.fixed_inputs(spec, cfg, env.device) if not task.needs_labels else None
+    classifier = None  # for the GAN's eval/digit_score
+    if cfg.task.score_classifier:
+        classifier = evaluation.load_classifier(cfg.task.score_classifier, env.device)
+    window: dict[str, torch.Tensor] = {}
     window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
-    engine.train(True)
+    for engine in engines.values():
+        engine.train(True)
     for step in range(state.step + 1, cfg.train.max_steps + 1):
         faults.at_step_start(step)
         step_keys: list[str] = []
@@ -227,36 +236,21 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             step_keys += batch.keys
             x = normalize(batch.x.to(env.device, non_blocking=True), spec.mean, spec.std)
             y = batch.y.to(env.device, non_blocking=True)
-            loss, _ = classify.train_step(engine, x, y)
-            if faults.nan_loss(step):
-                loss = loss * float("nan")
-            # One tiny all-reduce per micro-batch, and the step's only host sync: every rank must agree
-            # to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's collectives), to
-            # stop for a preemption at the same step, and on when all background checkpoint writes are
-            # done (then the commit, itself collective, cannot block).
-            flags = torch.stack(
-                [
-                    (~torch.isfinite(loss.detach())).float(),
-                    loss.new_tensor(stop.requested()),
-                    loss.new_tensor(checkpointer.busy()),
-                ]
-            )
-            flags = dist.all_reduce(flags.float(), "max").tolist()
-            if flags[0]:
+            losses, micro_skipped = task.train_step(engines, x, y, step, agree)
+            if micro_skipped:
                 skipped = True
                 if cfg.train.grad_accum == 1:
                     break  # no backward, no optimizer step: the weights stay as they were
                 continue  # with accumulation, the bad micro-batch is dropped (the others are kept)
-            engine.backward(loss)
-            engine.step()  # updates weights and LR on the accumulation boundary only
-            window_loss += loss.detach().float()
+            for key, value in losses.items():
+                window[key] = window.get(key, 0.0) + value.float()
         state.step = step
         window_steps += 1
         if skipped:
             nonfinite_in_a_row += 1
             state.nonfinite_steps += 1
             tracker.event(
-                "nonfinite", step=step, in_a_row=nonfinite_in_a_row, weights=engine.weights_checksum()
+                "nonfinite", step=step, in_a_row=nonfinite_in_a_row, weights=weights_checksum(engines)
             )
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLoss(
@@ -274,11 +268,18 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             # Host syncs once per log interval: counters, the mean loss.
             counters.sync(state, tracker, cfg, spec, env.device)
             done_micro = max(1, window_steps * cfg.train.grad_accum)
-            mean_loss = dist.all_reduce(window_loss / done_micro) / env.world_size
+            keys = sorted(window)  # the same on every rank: the tasks' decisions are agreed
+            means = (
+                (
+                    dist.all_reduce(torch.stack([window[k] for k in keys]) / done_micro) / env.world_size
+                ).tolist()
+                if keys  # empty on every rank when every step of the window was skipped
+                else []
+            )
             elapsed_s = time.perf_counter() - window_start
             metrics = {
-                "train/loss": mean_loss.item(),
-                "train/lr": engine.lr()[0],
+                **{f"train/{k}": v for k, v in zip(keys, means, strict=True)},
+                "train/lr": main.lr()[0],
                 "train/samples_per_s": window_steps
                 * cfg.data.batch_size
                 * cfg.train.grad_accum
@@ -288,32 +289,43 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
                 "train/samples_seen": state.samples_seen,
                 "train/epoch": batches.epoch,
             }
+            if len(engines) > 1:
+                metrics |= {f"train/lr/{name}": engine.lr()[0] for name, engine in engines.items()}
             if state.samples_skipped:
                 metrics["train/samples_skipped"] = state.samples_skipped
             if state.nonfinite_steps:
                 metrics["train/nonfinite_steps"] = state.nonfinite_steps
-            if (grad_norm := engine.grad_norm()) is not None:
+            if (grad_norm := main.grad_norm()) is not None:
                 metrics["train/grad_norm"] = grad_norm
             tracker.log(step, metrics)
             final.update(metrics)
-            window_loss.zero_()
+            window = {}
             window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
 
         preempted = bool(flags[1])
         if due(step, cfg.train.eval_every) or (step == cfg.train.max_steps and not preempted):
-            eval_metrics = evaluate(engine, spec, cfg, env)
+            eval_metrics = evaluate_all(engines, task, spec, cfg, env, step, fixed_x, classifier)
             tracker.log(step, eval_metrics)
             final.update(eval_metrics)
-            best = state.best.get("eval/accuracy", float("-inf"))
-            state.best["eval/accuracy"] = max(best, eval_metrics["eval/accuracy"])
+            best, value = state.best.get(task.best_metric), eval_metrics.get(task.best_metric)
+            if value is not None and (
+                best is None or (value > best if task.best_mode == "max" else value < best)
+            ):
+                state.best[task.best_metric] = value
             window_start = time.perf_counter()  # eval time is not training throughput
 
-        if checkpointer.pending is not None and not flags[2]:
+        # Commit a background save once every rank's writes are done, or at the latest
+        # checkpoint.max_commit_lag_steps steps after it (waiting for them): both conditions are
+        # agreed (flags, step), so every rank reaches this collective together.
+        pending = checkpointer.pending
+        if pending is not None and (
+            not flags[2] or step - pending.step >= cfg.checkpoint.max_commit_lag_steps
+        ):
             checkpointer.finish(must_commit=False)
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps or preempted:
             counters.sync(state, tracker, cfg, spec, env.device)
             last = step == cfg.train.max_steps or preempted  # committed before the process may exit
-            checkpointer.save(engine, state, batches, final, lambda: faults.in_save(state.step), wait=last)
+            checkpointer.save(engines, state, batches, final, lambda: faults.in_save(state.step), wait=last)
             if checkpointer.last_commit is not None:
                 final["checkpoint"] = str(checkpointer.last_commit)
             window_start = time.perf_counter()
@@ -322,12 +334,12 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             break
 
     checkpointer.close()
-    if "eval/accuracy" not in final and not preempted:  # resumed a finished run: report where it stands
-        final.update(evaluate(engine, spec, cfg, env))
+    if not any(k.startswith("eval/") for k in final) and not preempted:  # resumed a finished run
+        final.update(evaluate_all(engines, task, spec, cfg, env, state.step, fixed_x, classifier))
     final |= {
         "step": state.step,
         "run_id": state.run_id,
-        "best/eval/accuracy": state.best.get("eval/accuracy"),
+        f"best/{task.best_metric}": state.best.get(task.best_metric),
         "samples_skipped": state.samples_skipped,
         "preempted": preempted,
     }

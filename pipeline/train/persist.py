@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import tasks
 from pipeline.checkpoint import commit, store, universal
 from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
@@ -92,16 +93,16 @@ class Checkpointer:
 
     def save(
         self,
-        engine: Any,
+        engines: dict[str, Any],
         state: Any,
         batches: Any,
         metrics: dict[str, Any],
         before_commit: Any,
         wait: bool,
     ) -> None:
-        """Collective. Start a checkpoint of everything a resume needs; with `wait` (or synchronous
-        saves), also finish it. Raises SaveFailed after `checkpoint.max_save_failures` failures in a
-        row, or when `wait` (a preemption's save) fails."""
+        """Collective. Start a checkpoint of everything a resume needs (every engine, one commit); with
+        `wait` (or synchronous saves), also finish it. Raises SaveFailed after
+        `checkpoint.max_save_failures` failures in a row, or when `wait` (a preemption's save) fails."""
         if self.pending is not None:
             self.finish(must_commit=False)  # its writes had a whole checkpoint interval to finish
         cfg = self.cfg
@@ -109,15 +110,16 @@ class Checkpointer:
             dist.gather_objects(batches.local_state())
         ).to_dict()
         state.rng = dist.gather_objects(rng_state())
-        dist.average_buffers(engine.module)  # the saved statistics are every rank's
-        if not dist.all_true(engine.is_finite()):
+        for engine in engines.values():
+            dist.average_buffers(engine.module)  # the saved statistics are every rank's
+        if not dist.all_true(all(engine.is_finite() for engine in engines.values())):
             self.tracker.event("checkpoint_refused", step=state.step, reason="non-finite weights")
             self._failed(state.step, "non-finite weights", must_commit=wait)
             return
-        weights = engine.weights_checksum()  # collective; taken now, the weights change after
+        weights = weights_checksum(engines)  # collective; taken now, training changes the weights
         try:
             self.pending = commit.start(
-                [engine],
+                list(engines.values()),
                 state.to_dict(),
                 cfg.checkpoint_dir,
                 state.step,
@@ -193,6 +195,12 @@ class Checkpointer:
             )
 
 
+def weights_checksum(engines: dict[str, Any]) -> tuple[float, float]:
+    """Collective: (sum, sum of squares) of every engine's fp32 master weights, added up."""
+    checksums = [engine.weights_checksum() for engine in engines.values()]
+    return sum(c[0] for c in checksums), sum(c[1] for c in checksums)
+
+
 def model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
     """What `pipeline eval`/`export` need to rebuild the model from a checkpoint alone."""
     return {
@@ -200,9 +208,10 @@ def model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
             "name": cfg.model.name,
             "args": cfg.model.args,
             "input_shape": spec.sample_shape,
-            "num_classes": spec.num_classes,
+            "num_classes": tasks.build(cfg.task.name, cfg.task.args).num_outputs(spec.num_classes),
         },
         "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
+        "task": {"name": cfg.task.name, "args": cfg.task.args},
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,
     }

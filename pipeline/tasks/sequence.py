@@ -1,0 +1,63 @@
+"""Next-step prediction on sequences: from x[:, :t+1] predict x[:, t+1] (mean squared error).
+
+An image batch (N, C, H, W) is a sequence of H rows of C*W values (the model reads it the same way), so
+MNIST works as a real sequence data set; a (N, T, F) or (N, T) batch is a series. The model must give
+a prediction per time step (`model.args.output: sequence` for lstm/gru). Labels are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.tasks.base import Agree, Task, single_update
+
+
+def as_sequence(x: torch.Tensor) -> torch.Tensor:
+    """(N, T, F) view of a batch: images by rows, 1-D series with one feature."""
+    if x.dim() == 4:
+        n, c, h, w = x.shape
+        return x.permute(0, 2, 1, 3).reshape(n, h, c * w)
+    return x.unsqueeze(-1) if x.dim() == 2 else x
+
+
+class NextStepTask(Task):
+    ARGS = ()
+    EVAL_SUMS = 3
+    best_metric = "eval/next_step_mse"
+    best_mode = "min"
+    needs_labels = False
+
+    @staticmethod
+    def _errors(model: Any, x: torch.Tensor) -> torch.Tensor:
+        predicted = model(x).float()  # (N, T, F): a prediction of step t+1 at every step t
+        target = as_sequence(x).float()
+        if predicted.shape != target.shape:
+            raise ValueError(
+                f"next_step needs a prediction per time step shaped like the input {tuple(target.shape)}, "
+                f"got {tuple(predicted.shape)}; set model.args.output=sequence"
+            )
+        return (predicted[:, :-1] - target[:, 1:]) ** 2
+
+    def train_step(
+        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        loss = self._errors(engines["model"], x).mean()
+        done = single_update(engines["model"], loss, agree)
+        return {"loss": loss.detach()}, not done
+
+    @torch.no_grad()
+    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        errors = self._errors(engines["model"], x)
+        return torch.stack(
+            [
+                errors.sum(),
+                torch.tensor(float(errors.numel()), device=x.device),
+                torch.tensor(float(len(x)), device=x.device),
+            ]
+        )
+
+    def eval_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        sq, values, count = sums.tolist()
+        return {"eval/next_step_mse": sq / max(values, 1.0), "eval/samples": int(count)}
