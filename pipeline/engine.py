@@ -54,6 +54,10 @@ def deepspeed_config(
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if zero.stage >= 1:
+        # ZeRO partitions any torch optimizer's state; DeepSpeed only whitelists its Adam family and
+        # refuses torch.optim.SGD as "untested" (it trains fine: tests/dist/test_recipes.py).
+        cfg["zero_allow_untested_optimizer"] = True
     if zero.offload_optimizer:
         # We pass our own torch optimizer; DeepSpeed would otherwise insist on its CPU Adam.
         cfg["zero_force_ds_cpu_optimizer"] = False

@@ -28,7 +28,7 @@ from tests.helpers import read_jsonl
 pytestmark = pytest.mark.dist
 
 RECIPES = {
-    "resnet18": ["model.name=resnet18", "model.args={width: 4}"],
+    "resnet18": ["model.name=resnet18", "model.args={width: 4}", "optim.name=sgd", "optim.lr=0.05"],
     "lstm-rows": ["model.name=lstm", "model.args={hidden_size: 16, bidirectional: true}"],
     "gru-rows": ["model.name=gru", "model.args={hidden_size: 16, num_layers: 1}"],
     "next-row": ["task=next_step", "model.name=lstm", "model.args={hidden_size: 16, output: sequence}"],
