@@ -119,7 +119,10 @@ def train(
 ) -> None:
     """Train: validate everything, then run the workers (Ray by default) to train.max_steps.
 
-    Re-running the same command resumes from the newest verified checkpoint (resume=auto).
+    Recipes (configs/): cnn, resnet18, lstm/gru over image rows, next-step prediction, (denoising)
+    autoencoder, VAE and DCGAN (two engines): model.name + task.name, under any zero.stage.
+    Re-running the same command resumes from the newest verified checkpoint (resume=auto);
+    checkpoint.dir=s3://... mirrors checkpoints to object storage.
     Exit codes: 0 done, 1 training failed, 2 config/input error (nothing started),
     75 preempted by SIGTERM/SIGUSR1 with a committed checkpoint (re-run to resume).
     """

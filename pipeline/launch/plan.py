@@ -58,6 +58,8 @@ class Plan:
             f"{', cluster ' + cfg.cluster.address if cfg.cluster.address else ''}",
             f"model         {cfg.model.name} {cfg.model.args or ''}: {self.params_trainable:,} trainable, "
             f"{self.params_frozen:,} frozen parameters",
+            f"task          {cfg.task.name} {cfg.task.args or ''}"
+            + "".join(f"; {engine}: {keys}" for engine, keys in cfg.task.optim.items()),
             f"precision     {cfg.precision}, ZeRO stage {cfg.zero.stage}"
             f"{' + optimizer offload' if cfg.zero.offload_optimizer else ''}"
             f"{' + param offload' if cfg.zero.offload_params else ''}",
