@@ -2,7 +2,8 @@
 error, finite losses, and every engine's parameters change (the GAN's two engines included).
 
 One pair of processes per (stage, precision) runs all recipes in turn through the real training loop,
-so the matrix costs 8 process starts, not 56.
+so the matrix costs 8 process starts, not 56. `RECIPES=dcgan,vae pytest tests/dist/test_recipes.py`
+runs some recipes only (for debugging one).
 """
 
 from __future__ import annotations
