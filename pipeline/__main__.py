@@ -218,6 +218,24 @@ def export_cmd(
     typer.echo(json.dumps(meta["model"]))
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a run dir of `pipeline train` (with metrics.jsonl)"),
+    out: Path = typer.Option(None, "--out", help="the PNG to write (default: RUN_DIR/report.png)"),
+) -> None:
+    """Plot a run's loss, eval, throughput and LR curves to a PNG (from metrics.jsonl, no W&B needed)
+    and print a one-screen summary: steps, final and best metrics, restarts and resumes, checkpoints."""
+    from pipeline import report
+
+    try:
+        rows, events, config = report.load(run_dir)
+    except ConfigError as e:
+        _fail(str(e))
+    png = report.plot(rows, f"{config.get('name', run_dir.name)}: {run_dir}", out or run_dir / "report.png")
+    typer.echo(report.summary(run_dir, rows, events, config))
+    typer.echo(f"curves: {png}")
+
+
 def main() -> None:
     try:
         app()

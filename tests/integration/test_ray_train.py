@@ -65,6 +65,13 @@ def test_smoke_recipe_on_ray_then_export(digits_dir, tmp_path):
     scored = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scored["step"] == 300 and scored["eval/accuracy"] == pytest.approx(accuracy, abs=0.005)
 
+    proc = run_cli("report", str(run_dir))  # curves and a summary without W&B
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "300 of 300" in proc.stdout and f"last {accuracy:.4f}" in proc.stdout
+    assert "checkpoints   step_00000300" in proc.stdout
+    png = (run_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # four panels of curves, not a blank
+
 
 @pytest.mark.timeout(900)
 def test_cnn_mnist5k_reaches_95_percent(tmp_path):

@@ -1,0 +1,117 @@
+"""`pipeline report RUN_DIR`: the run's curves as a PNG (from metrics.jsonl) and a one-screen summary
+(from config.yaml, events.jsonl and the checkpoints), for people without a W&B dashboard."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a run that was killed mid-write
+    return rows
+
+
+def load(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """(metrics rows, events, config) of a run dir; ConfigError (exit 2) when it has no metrics."""
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no metrics.jsonl: not a run dir of `pipeline train`, or nothing was logged yet"
+        )
+    rows = [r for r in _rows(metrics_path) if "step" in r]
+    if not rows:
+        raise ConfigError(
+            f"{metrics_path} holds no metrics rows yet (the first is written at train.log_every)"
+        )
+    events = _rows(run_dir / "events.jsonl") if (run_dir / "events.jsonl").is_file() else []
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    )
+    return rows, events, config or {}
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, one value per step (a step logged twice keeps its last value)."""
+    by_step = {r["step"]: r[key] for r in rows if isinstance(r.get(key), int | float)}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot(rows: list[dict[str, Any]], title: str, out: Path) -> Path:
+    """Loss curves, eval metrics, throughput and LR, one panel each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    keys = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
+    panels = [
+        ("training loss", sorted(k for k in keys if k.startswith("train/") and k.endswith("loss"))),
+        ("eval", sorted(k for k in keys if k.startswith("eval/") and k != "eval/samples")),
+        ("samples/s", ["train/samples_per_s"] if "train/samples_per_s" in keys else []),
+        ("learning rate", ["train/lr"] if "train/lr" in keys else []),
+    ]
+    panels = [(name, ks) for name, ks in panels if ks]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (name, ks) in zip(axes[:, 0], panels, strict=True):
+        for key in ks:
+            steps, values = series(rows, key)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1, 0].set_xlabel("step")
+    figure.suptitle(title)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def summary(
+    run_dir: Path, rows: list[dict[str, Any]], events: list[dict[str, Any]], config: dict[str, Any]
+) -> str:
+    """One screen: what ran, how far, final and best metrics, what happened, where the weights are."""
+    last = {}
+    for row in rows:
+        last.update({k: v for k, v in row.items() if isinstance(v, int | float)})
+    kinds = Counter(e.get("event") for e in events)
+    commits = sorted(
+        p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "MANIFEST.json").is_file()
+    )
+    start = next((e for e in events if e.get("event") == "start"), {})
+    model, task = config.get("model", {}), config.get("task", {})
+    lines = [
+        f"run           {run_dir}  ({config.get('name', '?')}, W&B run id {start.get('run_id', '?')})",
+        f"model, task   {model.get('name', '?')} {model.get('args') or ''}, {task.get('name', 'classify')}",
+        f"setup         {start.get('world_size', '?')} worker(s), ZeRO {start.get('zero_stage', '?')}, "
+        f"{start.get('precision', '?')}",
+        f"steps         {max(r['step'] for r in rows)} of {config.get('train', {}).get('max_steps', '?')}, "
+        f"{(rows[-1].get('time', 0) - rows[0].get('time', 0)) / 60:.1f} min between the first and last log",
+    ]
+    for key in sorted(k for k in last if k.startswith(("train/loss", "eval/"))):
+        if key == "eval/samples":
+            continue
+        _, values = series(rows, key)
+        lines.append(f"  {key:24} last {last[key]:.4f}   min {min(values):.4f}   max {max(values):.4f}")
+    happened = ", ".join(
+        f"{kinds[k]} {k}"
+        for k in ("restart", "resume", "preempted", "nonfinite", "skip_sample", "checkpoint_failed")
+        if kinds[k]
+    )
+    lines.append(f"events        {happened or 'no restarts, resumes, preemptions, skips or failed saves'}")
+    lines.append(f"checkpoints   {', '.join(commits) if commits else 'none'}")
+    return "\n".join(lines)
