@@ -123,6 +123,7 @@ class WandbConfig(Section):
     entity: str | None = None
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+    job_type: str = "train"
 
 
 class TrackingConfig(Section):

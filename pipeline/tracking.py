@@ -99,6 +99,26 @@ def resolve_wandb_mode(cfg: WandbConfig) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def wandb_init_kwargs(
+    cfg: WandbConfig, mode: str, run_dir: Path, config: dict[str, Any], run_id: str, name: str
+) -> dict[str, Any]:
+    """The arguments of `wandb.init`: the run id stored in the checkpoint and `resume="allow"`, so
+    every segment of a run (restart, requeue, re-run) continues one W&B run instead of starting one."""
+    return {
+        "project": cfg.project,
+        "entity": cfg.entity,
+        "group": cfg.group,
+        "tags": cfg.tags or None,
+        "job_type": cfg.job_type,
+        "name": name,
+        "id": run_id,
+        "resume": "allow",
+        "mode": mode,
+        "dir": str(run_dir),
+        "config": config,
+    }
+
+
 class Tracker:
     """Rank 0's sinks. `log` for metrics at a step, `event` for lifecycle records."""
 
@@ -124,16 +144,7 @@ class Tracker:
             import wandb  # heavy: only when W&B is on
 
             self._wandb = wandb.init(
-                project=wandb_cfg.project,
-                entity=wandb_cfg.entity,
-                group=wandb_cfg.group,
-                tags=wandb_cfg.tags or None,
-                name=name,
-                id=run_id,
-                resume="allow",
-                mode=self.wandb_mode,
-                dir=str(run_dir),
-                config=config,
+                **wandb_init_kwargs(wandb_cfg, self.wandb_mode, run_dir, config, run_id, name)
             )
 
     def log(self, step: int, metrics: dict[str, Any], show: bool = True) -> None:
@@ -148,6 +159,16 @@ class Tracker:
 
     def event(self, kind: str, **fields: Any) -> None:
         self.events.write({"event": kind, "time": time.time(), **fields})
+
+    def image(self, step: int, key: str, path: Path) -> None:
+        """An image file (a sample grid) at `step`: a W&B media panel; in metrics.jsonl, its path."""
+        if step <= self.replayed_until:
+            return
+        self.metrics.write({"step": step, "time": time.time(), key: str(path)})
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path), caption=f"step {step}")}, step=step)
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         if self._wandb is not None:
@@ -168,6 +189,9 @@ class NullTracker:
         pass
 
     def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def image(self, step: int, key: str, path: Path) -> None:
         pass
 
     def close(self, summary: dict[str, Any] | None = None) -> None:

@@ -65,3 +65,39 @@ def first_key(path, n=0):
     """The key of the n-th sample of a shard."""
     with tarfile.open(path) as tar:
         return [m.name.split(".")[0] for m in tar if m.name.endswith(".png")][n]
+
+
+def read_wandb(path: Path) -> dict:
+    """What an offline W&B run recorded, read from its `.wandb` file: {"run_id", "config" (top-level
+    keys), "history": [{key: value, "_step": n}]}. The file is a LevelDB-log-style stream (a 7-byte
+    header, 32 KiB blocks of records with a 7-byte header: crc32, length u16, type u8 (1 full, 2 first,
+    3 middle, 4 last)), each record a wandb_internal_pb2.Record (see ENVIRONMENT.md)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, pending = path.read_bytes(), 7, 32768, b""
+    found: dict = {"run_id": None, "config": [], "history": []}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left in a block for a header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        which = record.WhichOneof("record_type")
+        if which == "run":
+            found["run_id"] = record.run.run_id
+            found["config"] = [u.key or "/".join(u.nested_key) for u in record.run.config.update]
+        elif which == "history":
+            found["history"].append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            )
+    return found

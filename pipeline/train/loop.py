@@ -106,6 +106,7 @@ def evaluate_all(
     step: int,
     fixed_x: torch.Tensor | None,
     classifier: evaluation.Classifier | None,
+    tracker: Any,
 ) -> dict[str, float]:
     """Collective: the task's val metrics; for generative tasks also the image grid (rank 0 writes
     samples/step_X.png) and, for a GAN with `task.score_classifier`, eval/digit_score."""
@@ -117,7 +118,10 @@ def evaluate_all(
         for engine in engines.values():
             engine.train(True)
         if images is not None and env.is_rank0:
-            evaluation.write_grid(images, spec, cfg.resolved_run_dir / "samples" / f"step_{step:08d}.png")
+            grid = evaluation.write_grid(
+                images, spec, cfg.resolved_run_dir / "samples" / f"step_{step:08d}.png"
+            )
+            tracker.image(step, "samples/grid", grid)
     if classifier is not None and "generator" in engines:
         metrics["eval/digit_score"] = evaluation.digit_score(
             engines["generator"],
@@ -304,7 +308,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
 
         preempted = bool(flags[1])
         if due(step, cfg.train.eval_every) or (step == cfg.train.max_steps and not preempted):
-            eval_metrics = evaluate_all(engines, task, spec, cfg, env, step, fixed_x, classifier)
+            eval_metrics = evaluate_all(engines, task, spec, cfg, env, step, fixed_x, classifier, tracker)
             tracker.log(step, eval_metrics)
             final.update(eval_metrics)
             best, value = state.best.get(task.best_metric), eval_metrics.get(task.best_metric)
@@ -335,7 +339,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
 
     checkpointer.close()
     if not any(k.startswith("eval/") for k in final) and not preempted:  # resumed a finished run
-        final.update(evaluate_all(engines, task, spec, cfg, env, state.step, fixed_x, classifier))
+        final.update(evaluate_all(engines, task, spec, cfg, env, state.step, fixed_x, classifier, tracker))
     final |= {
         "step": state.step,
         "run_id": state.run_id,
