@@ -104,6 +104,17 @@ def main() -> None:
         "metadata": {"zero_stage": 2, "world_size": 1},
     }
     retention = commit.Retention(keep_last=1)
+
+    def finish(pending: commit.PendingSave) -> Path:  # one process: agreement and gather are trivial
+        return commit.finish(
+            pending,
+            is_rank0=True,
+            all_ok=lambda ok: ok,
+            gather=lambda o: [o],
+            writer=writer,
+            retention=retention,
+        )
+
     try:
         # Save 0 allocates the staging buffers (once per run); then 3 rounds of: an async save (time
         # blocked = `start`, total = until committed), a synchronous one (checkpoint.async_save=false),
@@ -118,14 +129,7 @@ def main() -> None:
             while not writer.done():  # the loop trains on meanwhile; it commits once the writes are done
                 time.sleep(0.001)
             t_done = time.perf_counter()
-            path = commit.finish(
-                pending,
-                is_rank0=True,
-                all_ok=lambda ok: ok,
-                gather=lambda o: [o],
-                writer=writer,
-                retention=retention,
-            )
+            path = finish(pending)
             t2 = time.perf_counter()
             size = tree_bytes(path)
             writer.wait_idle()  # retention of the previous commit runs on the writer thread
@@ -148,14 +152,7 @@ def main() -> None:
             t_a = time.perf_counter()
             pending = commit.start([engine], {"step": step}, work / "checkpoints", step, **common)
             train_step()
-            commit.finish(
-                pending,
-                is_rank0=True,
-                all_ok=lambda ok: ok,
-                gather=lambda o: [o],
-                writer=writer,
-                retention=retention,
-            )
+            finish(pending)
             lag1.append(time.perf_counter() - t_a - step_s)
             writer.wait_idle()
             t5 = time.perf_counter()

@@ -15,6 +15,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this rank, world size); (0, 1) in a single process without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def _device() -> torch.device:
     """Where collective tensors must live: the current GPU under NCCL, else the CPU."""
     if is_distributed() and dist.get_backend() == "nccl":

@@ -31,11 +31,7 @@ def evaluate(
         dist.average_buffers(engine.module)
         engine.train(False)
     sums = torch.zeros(task.EVAL_SUMS, device=device)
-    rank, world = (
-        (torch.distributed.get_rank(), torch.distributed.get_world_size())
-        if dist.is_distributed()
-        else (0, 1)
-    )
+    rank, world = dist.rank_and_world()
     batches = eval_batches(spec, cfg.data, rank, world)
     dummy = torch.zeros(1, *spec.sample_shape, device=device)
     while True:
@@ -128,8 +124,7 @@ def digit_score(
     """The Inception Score of generated images under a digit classifier: exp(E_x KL(p(y|x) || p(y))).
     1 for samples the classifier cannot tell apart, up to the number of classes (10) for confident,
     varied digits. Every rank generates its share (a collective under ZeRO-3); sums are all-reduced."""
-    world = torch.distributed.get_world_size() if dist.is_distributed() else 1
-    rank = torch.distributed.get_rank() if dist.is_distributed() else 0
+    rank, world = dist.rank_and_world()
     mine = samples // world + (1 if rank < samples % world else 0)
     rng = torch.Generator().manual_seed(seed + rank)  # leaves the training RNG alone
     z = torch.randn(max(mine, 1), latent_dim, generator=rng).to(device)

@@ -204,7 +204,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     counters = DataCounters()
     final: dict[str, Any] = {}
     nonfinite_in_a_row = 0
-    checkpointer = persist.Checkpointer(cfg, spec, env.is_rank0, env.world_size, tracker)
+    checkpointer = persist.Checkpointer(cfg, spec, task, env.is_rank0, env.world_size, tracker)
     resumed_at = state.step
     preempted = False
 

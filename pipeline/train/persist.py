@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import tasks
 from pipeline.checkpoint import commit, store, universal
 from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
@@ -66,14 +65,15 @@ class Checkpointer:
     which the loop learns from the per-step flags all-reduce (`busy`), or at once with `wait`.
     `checkpoint.async_save=false` finishes every save before training goes on."""
 
-    def __init__(self, cfg: Config, spec: DataSpec, is_rank0: bool, world_size: int, tracker: Any) -> None:
-        self.cfg, self.spec, self.is_rank0, self.world_size, self.tracker = (
-            cfg,
-            spec,
-            is_rank0,
-            world_size,
-            tracker,
-        )
+    def __init__(
+        self, cfg: Config, spec: DataSpec, task: Any, is_rank0: bool, world_size: int, tracker: Any
+    ) -> None:
+        self.cfg = cfg
+        self.is_rank0 = is_rank0
+        self.world_size = world_size
+        self.tracker = tracker
+        # The same for every save of the run: computed once.
+        self.model_metadata = model_metadata(cfg, spec, task.num_outputs(spec.num_classes))
         self.writer = BackgroundWriter()
         self.store = store.for_config(cfg)
         self.retention = commit.Retention(
@@ -127,7 +127,7 @@ class Checkpointer:
                 all_ok=dist.all_true,
                 writer=self.writer,
                 metadata={
-                    **model_metadata(cfg, self.spec),
+                    **self.model_metadata,
                     "world_size": self.world_size,
                     "config_digest": state.config_digest,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
@@ -201,14 +201,14 @@ def weights_checksum(engines: dict[str, Any]) -> tuple[float, float]:
     return sum(c[0] for c in checksums), sum(c[1] for c in checksums)
 
 
-def model_metadata(cfg: Config, spec: DataSpec) -> dict[str, Any]:
+def model_metadata(cfg: Config, spec: DataSpec, num_outputs: int) -> dict[str, Any]:
     """What `pipeline eval`/`export` need to rebuild the model from a checkpoint alone."""
     return {
         "model": {
             "name": cfg.model.name,
             "args": cfg.model.args,
             "input_shape": spec.sample_shape,
-            "num_classes": tasks.build(cfg.task.name, cfg.task.args).num_outputs(spec.num_classes),
+            "num_classes": num_outputs,  # what the model was built with (0: no labels, e.g. a GAN)
         },
         "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
         "task": {"name": cfg.task.name, "args": cfg.task.args},
