@@ -124,6 +124,11 @@ class WandbConfig(Section):
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
     job_type: str = "train"
+    log_checkpoint: bool = Field(
+        False,
+        description="at the end, log the last checkpoint as a W&B model artifact by reference "
+        "(file:// or s3:// URL; nothing is uploaded to W&B)",
+    )
 
 
 class TrackingConfig(Section):

@@ -160,6 +160,22 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def loss_scale(self) -> float | None:
+        """The current dynamic loss scale under fp16 (None otherwise): a scale that keeps falling means
+        gradients keep overflowing."""
+        if not self.ds.fp16_enabled():
+            return None
+        # What DeepSpeed's own step report reads (its method is private): the scaler lives on the
+        # optimizer, under a different attribute for the fp16 and the ZeRO optimizers.
+        scaler = getattr(self.ds.optimizer, "loss_scale_config", None)
+        scale = scaler.cur_scale if scaler is not None else getattr(self.ds.optimizer, "cur_scale", None)
+        return None if scale is None else float(scale)
+
+    def overflow_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped for an fp16 gradient overflow (this segment's and, after
+        a resume, the checkpoint's count)."""
+        return int(self.ds.skipped_steps)
+
     def save(self, directory: Path, tag: str, writer: Any = None) -> None:
         """Collective: every rank writes its part (ZeRO partitions) under directory/tag. With a
         `writer` (checkpoint.writer.BackgroundWriter), DeepSpeed's tensor files go through it: staged

@@ -61,7 +61,7 @@ def plot(rows: list[dict[str, Any]], title: str, out: Path) -> Path:
         ("training loss", sorted(k for k in keys if k.startswith("train/") and k.endswith("loss"))),
         ("eval", sorted(k for k in keys if k.startswith("eval/") and k != "eval/samples")),
         ("samples/s", ["train/samples_per_s"] if "train/samples_per_s" in keys else []),
-        ("learning rate", ["train/lr"] if "train/lr" in keys else []),
+        ("learning rate", sorted(k for k in keys if k.startswith("train/lr"))),
     ]
     panels = [(name, ks) for name, ks in panels if ks]
     figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)

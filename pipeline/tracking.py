@@ -139,6 +139,8 @@ class Tracker:
         # are not logged again, so metrics.jsonl and W&B never see a step twice or go backwards.
         self.replayed_until = last_logged_step(run_dir / "metrics.jsonl")
         self.wandb_mode = resolve_wandb_mode(wandb_cfg)
+        self.wandb_cfg = wandb_cfg
+        self.name, self.run_id = name, run_id
         self._wandb = None
         if self.wandb_mode != "disabled":
             import wandb  # heavy: only when W&B is on
@@ -170,16 +172,54 @@ class Tracker:
 
             self._wandb.log({key: wandb.Image(str(path), caption=f"step {step}")}, step=step)
 
-    def close(self, summary: dict[str, Any] | None = None) -> None:
+    def location(self) -> str:
+        """Where this run's dashboard is: the W&B URL, the offline dir to sync, or "disabled"."""
+        if self._wandb is None:
+            return "disabled (metrics.jsonl and events.jsonl only)"
+        if self.wandb_mode == "online":
+            return f"online, {self._wandb.url}"
+        return f"offline, {self._offline_dir()} (upload later with `wandb sync`)"
+
+    def _offline_dir(self) -> Path:
+        return Path(self._wandb.dir).parent  # wandb/offline-run-<time>-<id>/files -> the run dir
+
+    def segments(self) -> int:
+        """How many times this run has started (first start, restarts, re-runs, requeues), from the
+        `start` events of events.jsonl: restarts that died before a checkpoint count too."""
+        starts = 0
+        for line in (self.run_dir / "events.jsonl").read_text().splitlines():
+            try:
+                starts += json.loads(line).get("event") == "start"
+            except ValueError:
+                continue  # a torn line from a killed process
+        return starts
+
+    def close(self, summary: dict[str, Any] | None = None, checkpoint: str | None = None) -> None:
+        """End of a segment: the run summary (final and best metrics, checkpoint paths, restarts) to
+        W&B, the last checkpoint as an artifact (`tracking.wandb.log_checkpoint`), the sync hint."""
         if self._wandb is not None:
-            if summary:
-                self._wandb.summary.update(summary)
-            run_dir = getattr(self._wandb, "dir", None)
+            segments = self.segments()
+            self._wandb.summary.update({**(summary or {}), "segments": segments, "restarts": segments - 1})
+            if checkpoint and self.wandb_cfg.log_checkpoint:
+                self._log_checkpoint(checkpoint, (summary or {}).get("step"))
+            offline_dir = self._offline_dir()
             self._wandb.finish()
-            if self.wandb_mode == "offline" and run_dir:
-                print(f"W&B offline run saved; upload it with: wandb sync {Path(run_dir).parent}")
+            if self.wandb_mode == "offline":
+                print(f"W&B offline run saved; upload it with: wandb sync {offline_dir}", flush=True)
         self.metrics.close()
         self.events.close()
+
+    def _log_checkpoint(self, checkpoint: str, step: int | None) -> None:
+        import wandb
+
+        # By reference: W&B records the URL and the file list, the bytes stay where they are.
+        url = checkpoint if "://" in checkpoint else Path(checkpoint).resolve().as_uri()
+        artifact = wandb.Artifact(
+            f"{self.name}-{self.run_id}-checkpoint", type="model", metadata={"step": step, "url": url}
+        )
+        artifact.add_reference(url, checksum=False)
+        self._wandb.log_artifact(artifact, aliases=["latest", f"step_{step}"])
+        self.event("checkpoint_artifact", url=url, step=step)
 
 
 class NullTracker:
@@ -194,7 +234,10 @@ class NullTracker:
     def image(self, step: int, key: str, path: Path) -> None:
         pass
 
-    def close(self, summary: dict[str, Any] | None = None) -> None:
+    def location(self) -> str:
+        return ""
+
+    def close(self, summary: dict[str, Any] | None = None, checkpoint: str | None = None) -> None:
         pass
 
 

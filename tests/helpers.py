@@ -69,7 +69,8 @@ def first_key(path, n=0):
 
 def read_wandb(path: Path) -> dict:
     """What an offline W&B run recorded, read from its `.wandb` file: {"run_id", "config" (top-level
-    keys), "history": [{key: value, "_step": n}]}. The file is a LevelDB-log-style stream (a 7-byte
+    keys), "history": [{key: value, "_step": n}], "summary": {key: value}, "artifacts": [{"name",
+    "type", "aliases", "refs"}]}. The file is a LevelDB-log-style stream (a 7-byte
     header, 32 KiB blocks of records with a 7-byte header: crc32, length u16, type u8 (1 full, 2 first,
     3 middle, 4 last)), each record a wandb_internal_pb2.Record (see ENVIRONMENT.md)."""
     import struct
@@ -77,7 +78,7 @@ def read_wandb(path: Path) -> dict:
     from wandb.proto import wandb_internal_pb2
 
     data, pos, block, pending = path.read_bytes(), 7, 32768, b""
-    found: dict = {"run_id": None, "config": [], "history": []}
+    found: dict = {"run_id": None, "config": [], "history": [], "summary": {}, "artifacts": []}
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # too little room left in a block for a header: padding
             pos += block - pos % block
@@ -100,4 +101,32 @@ def read_wandb(path: Path) -> dict:
             found["history"].append(
                 {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
             )
+        elif which == "summary":
+            found["summary"] |= {
+                (u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in record.summary.update
+            }
+        elif which == "artifact":
+            art = record.artifact
+            found["artifacts"].append(
+                {
+                    "name": art.name,
+                    "type": art.type,
+                    "aliases": list(art.aliases),
+                    "refs": [c.ref for c in art.manifest.contents],
+                }
+            )
     return found
+
+
+def wandb_segments(run_dir: Path) -> list[dict]:
+    """Every offline W&B segment of a run dir (read_wandb of each), oldest first."""
+    return [read_wandb(p) for p in sorted((Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb"))]
+
+
+def assert_one_wandb_run(run_dir: Path, segments: int, last_step: int) -> None:
+    """The segments of a restarted run continue one W&B run: one id, steps strictly increasing."""
+    found = wandb_segments(run_dir)
+    assert len(found) == segments, [f["run_id"] for f in found]
+    assert len({f["run_id"] for f in found}) == 1
+    steps = [row["_step"] for f in found for row in f["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == last_step, steps

@@ -254,13 +254,25 @@ def not_retained(names: list[str], manifest_of: Callable[[Any], dict], retention
     MANIFEST (only called when keep_best is set), so local dirs and remote stores share the rule."""
     keep = set(names[-retention.keep_last :])
     if retention.keep_best:
-        scored = []
-        for name in names:
-            value = manifest_of(name).get("metrics", {}).get(retention.metric)
-            if value is not None:
-                scored.append((value if retention.mode == "max" else -value, name))
-        keep |= {name for _, name in sorted(scored, key=lambda t: t[0], reverse=True)[: retention.keep_best]}
+        keep |= set(ranked(names, manifest_of, retention.metric, retention.mode)[: retention.keep_best])
     return [name for name in names if name not in keep]
+
+
+def ranked(names: list[str], manifest_of: Callable[[Any], dict], metric: str, mode: str) -> list[str]:
+    """The commits that recorded `metric` in their MANIFEST, best first (`mode` max or min)."""
+    scored = []
+    for name in names:
+        value = manifest_of(name).get("metrics", {}).get(metric)
+        if value is not None:
+            scored.append((value if mode == "max" else -value, name))
+    return [name for _, name in sorted(scored, key=lambda t: t[0], reverse=True)]
+
+
+def best(root: Path, metric: str, mode: str) -> Path | None:
+    """The committed checkpoint under `root` with the best `metric` (None if none recorded it)."""
+    root = Path(root)
+    names = ranked([c.name for c in committed(root)], lambda name: read_manifest(root / name), metric, mode)
+    return root / names[0] if names else None
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:

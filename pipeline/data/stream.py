@@ -347,6 +347,18 @@ class TrainBatches:
     def epoch(self) -> int:
         return min(p.epoch for p in self.positions.values())
 
+    def assignment(self) -> tuple[int, int]:
+        """(shards, samples) this rank's readers cover in the current epoch (the start summary)."""
+        epoch = self.epoch
+        shards = [
+            s
+            for g in self.positions
+            for s in cur.reader_shards(
+                self.layout, epoch, self.cursor.base(epoch), self.cursor.num_readers, g
+            )
+        ]
+        return len(shards), sum(self.layout.counts[s] for s in shards)
+
     def close(self) -> None:
         """Stop the DataLoader processes now (they would otherwise live until garbage collection)."""
         shutdown = getattr(self._iter, "_shutdown_workers", None)

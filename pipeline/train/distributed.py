@@ -20,6 +20,11 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+def backend() -> str:
+    """The process group's backend (gloo, nccl), or "none" in a single process."""
+    return str(dist.get_backend()) if is_distributed() else "none"
+
+
 def _device() -> torch.device:
     """Where collective tensors must live: the current GPU under NCCL, else the CPU."""
     if is_distributed() and dist.get_backend() == "nccl":

@@ -25,7 +25,7 @@ from pipeline.data.transforms import normalize
 from pipeline.tasks import gan
 from pipeline.tracking import JsonlWriter, make_tracker
 from pipeline.train import distributed as dist
-from pipeline.train import evaluation, persist
+from pipeline.train import evaluation, persist, telemetry
 from pipeline.train.engines import build_engines
 from pipeline.train.faults import Faults
 from pipeline.train.persist import weights_checksum
@@ -165,7 +165,6 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     mean, std = task.normalization(spec.mean, spec.std)
     spec = dataclasses.replace(spec, mean=mean, std=std)  # the space the models see (and grids undo)
     engines, universal = build_engines(cfg, spec, task, env.rank, env.world_size, resume_from)
-    main = engines[task.ENGINES[0]]  # whose LR and grad norm are logged as train/lr, train/grad_norm
     if resume_from:
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
@@ -173,13 +172,16 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     tracker = make_tracker(
         env.is_rank0, run_dir, cfg.train.max_steps, cfg.tracking.wandb, cfg.to_dict(), state.run_id, cfg.name
     )
-    tracker.event(
-        "start",
-        world_size=env.world_size,
-        zero_stage=cfg.zero.stage,
-        precision=cfg.precision,
-        run_id=state.run_id,
+    cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
+    batches = TrainBatches(
+        spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
     )
+    summary = telemetry.start_summary(
+        cfg, spec, engines, batches, env.device, state.step, resume_from, tracker.location()
+    )
+    tracker.event("start", run_id=state.run_id, **summary)
+    if env.is_rank0:
+        print(telemetry.format_start_summary(cfg.name, state.run_id, summary), flush=True)
     if attempt:
         tracker.event("restart", attempt=attempt)
     if resume_from:
@@ -190,10 +192,6 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             universal=universal,
             weights=weights_checksum(engines),
         )
-    cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
-    batches = TrainBatches(
-        spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
-    )
     # RNG last: starting DataLoader processes draws from the global torch RNG, so restoring before
     # that would shift every later dropout mask against the unbroken run.
     if resume_from and len(state.rng) == env.world_size:
@@ -283,7 +281,8 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             elapsed_s = time.perf_counter() - window_start
             metrics = {
                 **{f"train/{k}": v for k, v in zip(keys, means, strict=True)},
-                "train/lr": main.lr()[0],
+                # the first engine's LR and grad norm are train/lr and train/grad_norm
+                **telemetry.optimizer_metrics(engines, task.ENGINES[0]),
                 "train/samples_per_s": window_steps
                 * cfg.data.batch_size
                 * cfg.train.grad_accum
@@ -292,15 +291,10 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
                 "train/data_wait_frac": (batches.wait_s - window_wait_s) / elapsed_s,
                 "train/samples_seen": state.samples_seen,
                 "train/epoch": batches.epoch,
+                "train/samples_skipped": state.samples_skipped,
+                "train/nonfinite_steps": state.nonfinite_steps,
+                **telemetry.peak_memory_mb(env.device),  # collective
             }
-            if len(engines) > 1:
-                metrics |= {f"train/lr/{name}": engine.lr()[0] for name, engine in engines.items()}
-            if state.samples_skipped:
-                metrics["train/samples_skipped"] = state.samples_skipped
-            if state.nonfinite_steps:
-                metrics["train/nonfinite_steps"] = state.nonfinite_steps
-            if (grad_norm := main.grad_norm()) is not None:
-                metrics["train/grad_norm"] = grad_norm
             tracker.log(step, metrics)
             final.update(metrics)
             window = {}
@@ -348,7 +342,15 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         "preempted": preempted,
     }
     tracker.event("finish", step=state.step, samples_skipped=state.samples_skipped, preempted=preempted)
-    tracker.close(summary=final)
+    if env.is_rank0:  # the W&B run summary: final and best metrics, where the checkpoints are
+        best_ckpt = commit.best(cfg.checkpoint_dir, task.best_metric, task.best_mode)
+        last_ckpt = checkpointer.last_uri()
+        tracker.close(
+            summary=final | {"checkpoint/last": last_ckpt, "checkpoint/best": best_ckpt and str(best_ckpt)},
+            checkpoint=last_ckpt,
+        )
+    else:
+        tracker.close()
     if ledger is not None:
         ledger.close()
     batches.close()

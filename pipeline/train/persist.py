@@ -86,6 +86,7 @@ class Checkpointer:
         self.pending_weights: tuple[float, float] | None = None
         self.failures_in_a_row = 0
         self.last_commit: Path | None = None
+        self.uploaded: dict[Path, str] = {}  # local commit -> its remote URL (checkpoint.dir s3://...)
 
     def busy(self) -> float:
         """1.0 while this rank still writes a pending save (for the step flags all-reduce)."""
@@ -183,6 +184,12 @@ class Checkpointer:
                 self.tracker.event("checkpoint_upload_failed", path=str(ckpt), error=error)
             else:
                 self.tracker.event("checkpoint_upload", path=str(ckpt), url=url)
+                self.uploaded[ckpt] = url
+
+    def last_uri(self) -> str | None:
+        """The run's newest commit: its remote URL once uploaded, else its local path (rank 0)."""
+        newest = self.last_commit or next(reversed(commit.committed(self.cfg.checkpoint_dir)), None)
+        return None if newest is None else self.uploaded.get(newest, str(newest))
 
     def _failed(self, step: int, error: str, must_commit: bool) -> None:
         print(f"warning: checkpoint of step {step} not saved, training goes on: {error}", flush=True)

@@ -33,7 +33,7 @@ def segments(run_dir):
 
 
 @pytest.mark.timeout(300)
-def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(digits_dir, tmp_path, monkeypatch):
+def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(digits_dir, tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite disables W&B; this test is about it
     run_dir = tmp_path / "run"
     train(digits_dir, run_dir, 4, "model.args.channels=[8,16]")
@@ -47,13 +47,43 @@ def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(digits_d
     assert all("train/loss" in r and "eval/accuracy" in r for r in rows.values())
     logged = {m["step"]: m["train/loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m}
     assert {s: r["train/loss"] for s, r in rows.items()} == logged  # W&B and metrics.jsonl agree
+    for row in rows.values():  # the optimizer and system panels
+        assert row["train/grad_norm"] > 0 and row["sys/peak_rss_mb"] > 100
+        # weight decay puts biases/norms in their own param group: one LR panel per group
+        assert row["train/lr/group0"] == row["train/lr/group1"] == row["train/lr"]
+        assert row["train/samples_skipped"] == 0 and row["train/nonfinite_steps"] == 0
+    assert rows[2]["train/lr"] > rows[4]["train/lr"] >= 0  # the schedule decays to the end
+    # the start summary: recorded, and printed once (rank 0) before the first step
+    assert start["world_size"] == 2 and start["backend"] == "gloo" and start["resume_from"] is None
+    assert start["params_trainable"] > 1000 and start["params_frozen"] == 0
+    assert sum(start["shards_per_rank"]) == start["train_shards"]  # a fresh epoch: every shard, once
+    assert sum(start["samples_per_rank"]) == start["train_samples"]
+    assert start["wandb"].startswith(f"offline, {first.parent}")
+    printed = capfd.readouterr().out
+    assert printed.count(f"(id {start['run_id']}): fresh start") == 1 and "ZeRO stage" in printed
+    summary = recorded["summary"]  # the end-of-run summary
+    assert summary["restarts"] == 0 and summary["step"] == 4
+    assert summary["checkpoint/last"] == str(run_dir / "checkpoints" / "step_00000004")
+    assert summary["best/eval/accuracy"] == max(r["eval/accuracy"] for r in rows.values())
+    best_step = max(rows, key=lambda s: (rows[s]["eval/accuracy"], -s))  # the first best
+    assert summary["checkpoint/best"] == str(run_dir / "checkpoints" / f"step_{best_step:08d}")
+    assert recorded["artifacts"] == []  # tracking.wandb.log_checkpoint is off by default
 
-    train(digits_dir, run_dir, 8, "model.args.channels=[8,16]")  # the same run, continued
+    # the same run, continued; its last checkpoint logged as an artifact by reference
+    train(digits_dir, run_dir, 8, "model.args.channels=[8,16]", "tracking.wandb.log_checkpoint=true")
     second = next(s for s in segments(run_dir) if s != first)
     again = read_wandb(second)
     assert again["run_id"] == recorded["run_id"]  # one run id across the segments
     steps = [r["_step"] for r in recorded["history"]] + [r["_step"] for r in again["history"]]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # strictly increasing across the resume
+    assert again["summary"]["restarts"] == 1
+    resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "start"][1]
+    assert resumed["resume_step"] == 4
+    assert f"resuming after step 4 from {run_dir / 'checkpoints' / 'step_00000004'}" in capfd.readouterr().out
+    (artifact,) = again["artifacts"]
+    last = run_dir / "checkpoints" / "step_00000008"
+    assert artifact["type"] == "model" and sorted(artifact["aliases"]) == ["latest", "step_8"]
+    assert {ref.removeprefix(last.as_uri() + "/") for ref in artifact["refs"]} >= {"MANIFEST.json", "trainer_state.json"}
 
 
 @pytest.mark.timeout(300)

@@ -106,6 +106,20 @@ def test_frozen_weights_stay_frozen_through_a_zero3_resume(
         heads.append(weights["head.3.weight"])
     assert len(heads) == 4 and not torch.equal(heads[0], heads[-1])  # while the new head trains
 
+    # what the start summary and the LR panels show
+    (start, restart) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "start"]
+    n_features = sum(p.numel() for n, p in model.named_parameters() if n in feature_params)
+    n_all = sum(p.numel() for p in model.parameters())
+    frozen_for_good = n_features if unfreeze_at_step == 0 else 0  # delayed ones train (at LR 0)
+    assert start["params_frozen"] == restart["params_frozen"] == frozen_for_good
+    assert start["params_trainable"] == n_all - frozen_for_good  # ZeRO-3 partitions: full counts
+    assert start["resume_from"] is None and restart["resume_step"] == 4
+    rows = {m["step"]: m for m in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in m}
+    group_lrs = {s: [v for k, v in r.items() if k.startswith("train/lr/group")] for s, r in rows.items()}
+    if unfreeze_at_step:  # the delayed features' groups at LR 0, then with everyone's LR
+        assert 0.0 in group_lrs[8] and max(group_lrs[8]) > 0
+        assert len(set(group_lrs[16])) == 1
+
 
 def test_weights_that_do_not_fit_or_need_unpickling_are_refused(pretrained, tmp_path):
     with pytest.raises(ConfigError, match=r"'init_from'.*unexpected|missing|shape"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import export
-from tests.helpers import REPO, read_jsonl, run_cli
+from tests.helpers import REPO, assert_one_wandb_run, read_jsonl, run_cli
 
 pytestmark = pytest.mark.faults
 
@@ -137,6 +137,7 @@ def test_killed_driver_rerun_resumes_with_one_wandb_run(digits_dir, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 30  # never twice, never backwards
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.name.endswith(starts[0]["run_id"]) for p in wandb_runs)
+    assert_one_wandb_run(run_dir, segments=2, last_step=30)
 
 
 @pytest.mark.timeout(600)
@@ -148,9 +149,10 @@ def test_sigterm_commits_exits_75_and_resumes_with_no_lost_step(digits_dir, tmp_
         *BASE,
         f"data.train={digits_dir}",
         "train.max_steps=40",
+        "tracking.wandb.mode=offline",
         f"run_dir={run_dir}",
     ]
-    proc = start_cli(*args)
+    proc = start_cli(*args, env={"WANDB_MODE": "offline"})
     wait_for_step(run_dir, 8, proc)
     signalled = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)  # the driver only, as Slurm or Kubernetes would
@@ -159,8 +161,9 @@ def test_sigterm_commits_exits_75_and_resumes_with_no_lost_step(digits_dir, tmp_
     (preempted,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "preempted"]
     step = preempted["step"]
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / "MANIFEST.json").is_file()
-    rerun = run_cli(*args)
+    rerun = run_cli(*args, env={"WANDB_MODE": "offline"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     (resume,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"]
     assert resume["from_step"] == step  # zero lost steps
+    assert_one_wandb_run(run_dir, segments=2, last_step=40)  # one W&B run across the preemption
     print(f"\npreemption: SIGTERM -> commit at step {step} -> exit 75 in {grace_s:.1f} s")
