@@ -130,3 +130,12 @@ def test_wandb_disabled_by_config_writes_no_wandb_dir_but_metrics(digits_dir, tm
     train(digits_dir, run_dir, 2, "model.args.channels=[8,16]", "tracking.wandb.mode=disabled")
     assert not (run_dir / "wandb").exists()
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m] == [2]
+
+
+@pytest.mark.timeout(300)
+def test_wandb_mode_disabled_in_the_environment_wins_over_the_config(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = tmp_path / "env-off"
+    train(digits_dir, run_dir, 2, "model.args.channels=[8,16]")  # the config says offline
+    assert not (run_dir / "wandb").exists()
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m] == [2]
