@@ -168,6 +168,40 @@ def train(
         typer.echo(f"checkpoint: {final['checkpoint']}")
 
 
+submit_app = typer.Typer(help="Submit a run to a Slurm or Ray cluster.", no_args_is_help=True)
+app.add_typer(submit_app, name="submit")
+
+
+@submit_app.command("slurm")
+def submit_slurm(
+    config: Path = typer.Argument(..., help="run YAML, e.g. configs/smoke.yaml"),
+    overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. slurm.nodes=2"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the rendered sbatch script, submit nothing"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job's log to its end; exit with its code"),
+) -> None:
+    """Ray-on-Slurm: render slurm/ray-on-slurm.sbatch from the config's `slurm` section (partition,
+    nodes, gpus_per_node, cpus_per_task, mem, time, account, signal_lead_s, extra_sbatch, setup) and
+    sbatch it. The job starts a Ray head (and a Ray worker per further node) on ports derived from its
+    job id, trains on the head, and on USR1 (signal_lead_s before the time limit, or
+    `scancel --signal=USR1 --batch JOB`) commits a checkpoint and requeues itself; the requeued job
+    resumes. Script, config snapshot and log: RUN_DIR/slurm/."""
+    from pipeline import config as config_mod
+    from pipeline.launch import slurm
+    from pipeline.launch.plan import make_plan
+
+    try:
+        cfg = slurm.for_job(make_plan(config_mod.load(config, overrides or [])).cfg)
+        if dry_run:
+            typer.echo(slurm.render(cfg, Path.cwd()).rstrip())
+            return
+        job_id, log_path = slurm.submit(cfg, Path.cwd())
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"submitted Slurm job {job_id}; log: {log_path}")
+    if wait:
+        raise typer.Exit(slurm.follow(job_id, log_path))
+
+
 @app.command("eval")
 def eval_cmd(
     target: Path = typer.Argument(..., help="a run dir (its newest checkpoint) or a checkpoint dir"),

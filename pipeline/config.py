@@ -189,6 +189,30 @@ class ClusterConfig(Section):
     collective_timeout_s: int = Field(300, gt=0)
 
 
+class SlurmConfig(Section):
+    """`pipeline submit slurm`: the #SBATCH lines of slurm/ray-on-slurm.sbatch."""
+
+    partition: str | None = Field(None, description="default: the cluster's default partition")
+    nodes: int = Field(1, gt=0, description="one Ray head on the first node, one Ray worker on each other")
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(
+        None, gt=0, description="CPUs per node for Ray; default: the workers' CPUs spread over the nodes"
+    )
+    mem: str | None = Field(None, description="memory per node, e.g. 64G")
+    time: str = Field("01:00:00", description="wall-clock limit, [D-]HH:MM:SS")
+    account: str | None = None
+    signal_lead_s: int = Field(
+        120, gt=0, description="USR1 this many seconds before the time limit: checkpoint, exit 75, requeue"
+    )
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="more #SBATCH options, e.g. ['--qos=high', '--constraint=a100']"
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="shell lines run first in the job, e.g. ['module load cuda/12.4']"
+    )
+    python: str | None = Field(None, description="python on the nodes; default: the one that submits")
+
+
 class Config(Section):
     name: str = "run"
     run_dir: str | None = Field(None, description="default: runs/<name>")
@@ -206,6 +230,7 @@ class Config(Section):
     init_from: InitFromConfig = Field(default_factory=InitFromConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @field_validator("name")
     @classmethod

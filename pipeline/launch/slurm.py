@@ -1,0 +1,209 @@
+"""Ray-on-Slurm: render slurm/ray-on-slurm.sbatch for a run, submit it with sbatch, follow it.
+
+Ports and Ray's temp dir come from SLURM_JOB_ID (`job_ports`), so two jobs sharing a node never
+collide (Ray's defaults are fixed ports and /tmp/ray: ray#59551). The batch script reads them with
+`python -m pipeline.launch.slurm ports JOB_ID`, so this module is their only source.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ray-on-slurm.sbatch"
+
+# Ports stay below Linux's ephemeral range (32768-60999), where the kernel picks client ports: a fixed
+# port there can be taken by any outgoing connection.
+PORT_BASE, PORT_END = 20000, 32768
+PORTS_PER_JOB = 64  # 9 fixed ports, 55 for Ray's worker processes
+JOB_SLOTS = (PORT_END - PORT_BASE) // PORTS_PER_JOB  # 200: jobs this far apart in id share ports
+FIXED_PORTS = (
+    "RAY_GCS_PORT",
+    "RAY_DASHBOARD_PORT",
+    "RAY_CLIENT_PORT",
+    "RAY_NODE_MANAGER_PORT",
+    "RAY_OBJECT_MANAGER_PORT",
+    "RAY_METRICS_PORT",
+    "RAY_RUNTIME_ENV_AGENT_PORT",
+    "RAY_DASHBOARD_AGENT_GRPC_PORT",
+    "RAY_DASHBOARD_AGENT_LISTEN_PORT",
+)
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def job_ports(job_id: int) -> dict[str, str]:
+    """Ray's ports and temp dir for Slurm job `job_id`: a block of PORTS_PER_JOB ports per job id
+    (modulo JOB_SLOTS), so jobs whose ids differ by less than JOB_SLOTS never share one; the temp dir
+    (Ray's sockets, logs, session files) is per job id."""
+    if job_id < 0:
+        raise ValueError(f"a Slurm job id is a positive integer, not {job_id}")
+    base = PORT_BASE + (job_id % JOB_SLOTS) * PORTS_PER_JOB
+    ports = {name: str(base + i) for i, name in enumerate(FIXED_PORTS)}
+    ports["RAY_MIN_WORKER_PORT"] = str(base + len(FIXED_PORTS))
+    ports["RAY_MAX_WORKER_PORT"] = str(base + PORTS_PER_JOB - 1)
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    ports["RAY_TMP_DIR"] = f"/tmp/ray-job{job_id}"
+    return ports
+
+
+def _cpus_per_task(cfg: Config) -> int:
+    if cfg.slurm.cpus_per_task:
+        return cfg.slurm.cpus_per_task
+    needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    return -(-needed // cfg.slurm.nodes)  # ceil: Ray places the workers on the nodes' CPUs
+
+
+def sbatch_lines(cfg: Config, log_path: Path) -> list[str]:
+    s = cfg.slurm
+    options = [
+        f"--job-name={cfg.name}",
+        f"--nodes={s.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={_cpus_per_task(cfg)}",
+        f"--time={s.time}",
+        f"--output={log_path}",
+        "--open-mode=append",  # the requeued segment appends to the same log
+        "--requeue",
+        f"--signal=B:USR1@{s.signal_lead_s}",  # B: to the batch shell only, which forwards it
+    ]
+    if s.partition:
+        options.append(f"--partition={s.partition}")
+    if s.account:
+        options.append(f"--account={s.account}")
+    if s.gpus_per_node:
+        options.append(f"--gpus-per-node={s.gpus_per_node}")
+    if s.mem:
+        options.append(f"--mem={s.mem}")
+    options += [o if o.startswith("-") else f"--{o}" for o in s.extra_sbatch]
+    return [f"#SBATCH {o}" for o in options]
+
+
+def paths(cfg: Config) -> tuple[Path, Path, Path]:
+    """(the config snapshot the job trains from, the batch script, its log with %j for the job id)."""
+    slurm_dir = cfg.resolved_run_dir.resolve() / "slurm"
+    return slurm_dir / "config.yaml", slurm_dir / "job.sbatch", slurm_dir / "job-%j.out"
+
+
+def render(cfg: Config, workdir: Path) -> str:
+    """The batch script for `cfg`. It trains from the config snapshot written at submission (paths()),
+    so editing the YAML while the job waits or between requeues changes nothing."""
+    if cfg.cluster.launcher != "ray":
+        raise ConfigError("pipeline submit slurm runs Ray-on-Slurm: set cluster.launcher=ray")
+    if not TEMPLATE.is_file():
+        raise ConfigError(f"the sbatch template {TEMPLATE} is missing: submit from a checkout of the project")
+    snapshot, _, log_path = paths(cfg)
+    python = cfg.slurm.python or sys.executable
+    values = {
+        "sbatch_lines": "\n".join(sbatch_lines(cfg, log_path)),
+        "signal_lead_s": str(cfg.slurm.signal_lead_s),
+        "workdir": shlex.quote(str(workdir.resolve())),
+        "setup": "\n".join(cfg.slurm.setup),
+        "python": shlex.quote(python),
+        "node_ip": shlex.quote(cfg.cluster.node_ip or ""),
+        "gpus_per_node": str(cfg.slurm.gpus_per_node),
+        "train_args": shlex.quote(str(snapshot)),
+    }
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    leftover = re.findall(r"\{\{\w+\}\}", text)
+    assert not leftover, f"unfilled placeholders in {TEMPLATE}: {leftover}"
+    return text
+
+
+def for_job(cfg: Config) -> Config:
+    """The config the job trains from: the run dir made absolute (the job may start elsewhere)."""
+    tree = cfg.to_dict()
+    tree["run_dir"] = str(cfg.resolved_run_dir.resolve())
+    return config_mod.from_dict(tree)
+
+
+def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
+    """Write the config snapshot and the script into RUN_DIR/slurm/, sbatch it; (job id, log path)."""
+    snapshot, script_path, log_path = paths(cfg)
+    script = render(cfg, workdir)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.write_text(config_mod.dump_yaml(cfg))
+    script_path.write_text(script)
+    try:
+        out = subprocess.run(
+            ["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        raise ConfigError("sbatch not found: run on a Slurm login node (or slurm/local-cluster.sh start)") from None
+    if out.returncode != 0:
+        raise ConfigError(f"sbatch refused {script_path}: {out.stderr.strip() or out.stdout.strip()}")
+    job_id = int(out.stdout.strip().split(";")[0])
+    return job_id, Path(str(log_path).replace("%j", str(job_id)))
+
+
+def job_info(job_id: int) -> dict[str, str] | None:
+    """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); None once Slurm forgot it."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        return None
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def follow(job_id: int, log_path: Path, poll_s: float = 2.0, out: Any = None) -> int:
+    """Print the job's log as it grows, through requeues, until the job is finished; its exit code."""
+    out = out or sys.stdout
+    offset, state = 0, None
+    while True:
+        info = job_info(job_id)
+        if log_path.is_file():
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            out.write(chunk.decode(errors="replace"))
+            out.flush()
+        if info is None:
+            out.write(f"job {job_id}: no longer known to Slurm; its exit code is lost\n")
+            return 1
+        if info.get("JobState") != state:
+            state = info.get("JobState")
+            out.write(f"[slurm] job {job_id}: {state} (restarts {info.get('Restarts', '0')})\n")
+        if state in FINISHED and offset == (log_path.stat().st_size if log_path.is_file() else 0):
+            return int(info.get("ExitCode", "1:0").split(":")[0])
+        time.sleep(poll_s)
+
+
+def _wait_for(host: str, port: int, timeout_s: float = 120.0) -> int:
+    """Exit 0 once host:port accepts connections (Ray's GCS is up), 1 after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return 0
+        except OSError:
+            time.sleep(0.5)
+    print(f"pipeline: nothing listens on {host}:{port} after {timeout_s:.0f} s", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    """Helpers for the batch script: `ports JOB_ID` prints shell exports; `wait-for HOST PORT`."""
+    if len(argv) == 2 and argv[0] == "ports":
+        for key, value in job_ports(int(argv[1])).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    if len(argv) == 3 and argv[0] == "wait-for":
+        return _wait_for(argv[1], int(argv[2]))
+    print("usage: python -m pipeline.launch.slurm ports JOB_ID | wait-for HOST PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

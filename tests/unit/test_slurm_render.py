@@ -1,0 +1,106 @@
+"""The sbatch script `pipeline submit slurm --dry-run` renders, and the per-job Ray ports/temp dirs."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import config
+from pipeline.launch import slurm
+from tests.helpers import run_cli
+
+SMOKE = "configs/smoke.yaml"
+
+
+def test_two_jobs_on_one_node_never_share_a_port_or_temp_dir():
+    def claimed(job_id):
+        env = slurm.job_ports(job_id)
+        ports = {int(v) for k, v in env.items() if k.endswith("_PORT") and "WORKER" not in k}
+        ports |= set(range(int(env["RAY_MIN_WORKER_PORT"]), int(env["RAY_MAX_WORKER_PORT"]) + 1))
+        return ports, env["RAY_TMP_DIR"]
+
+    # every pair of ids within JOB_SLOTS of each other (what can share a node at once), around a wrap
+    window = range(12_345, 12_345 + slurm.JOB_SLOTS)
+    claims = {job: claimed(job) for job in window}
+    for a, b in itertools.combinations(window, 2):
+        assert not claims[a][0] & claims[b][0], (a, b)
+        assert claims[a][1] != claims[b][1]
+    for ports, _ in claims.values():  # 9 fixed + the worker range; none in the ephemeral range
+        assert len(ports) == slurm.PORTS_PER_JOB and min(ports) > 1024 and max(ports) < 32768
+    # the documented limit: ids JOB_SLOTS apart share ports (not their temp dir)
+    assert claimed(7)[0] == claimed(7 + slurm.JOB_SLOTS)[0]
+
+
+def test_the_ports_helper_prints_shell_exports_the_script_can_eval():
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'eval "$({sys.executable} -m pipeline.launch.slurm ports 42)"; echo $RAY_GCS_PORT $RAY_TMP_DIR',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    env = slurm.job_ports(42)
+    assert out.stdout.split() == [env["RAY_GCS_PORT"], "/tmp/ray-job42"]
+
+
+def test_dry_run_renders_a_script_that_bash_accepts(tmp_path):
+    result = run_cli(
+        "submit",
+        "slurm",
+        SMOKE,
+        f"run_dir={tmp_path / 'run'}",
+        "slurm.partition=gpu",
+        "slurm.nodes=2",
+        "slurm.gpus_per_node=4",
+        "slurm.time=02:00:00",
+        "slurm.account=proj7",
+        "slurm.signal_lead_s=300",
+        "slurm.extra_sbatch=['--qos=high', 'constraint=a100']",
+        "slurm.setup=['module load cuda/12.4']",
+        "cluster.num_workers=8",
+        "--dry-run",
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    (tmp_path / "job.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    for option in (
+        "--nodes=2",
+        "--cpus-per-task=4",  # 8 workers x 1 CPU over 2 nodes
+        "--partition=gpu",
+        "--gpus-per-node=4",
+        "--time=02:00:00",
+        "--account=proj7",
+        "--signal=B:USR1@300",
+        "--requeue",
+        "--open-mode=append",
+        "--qos=high",
+        "--constraint=a100",
+        f"--output={tmp_path / 'run' / 'slurm' / 'job-%j.out'}",
+    ):
+        assert f"#SBATCH {option}" in sbatch, option
+    assert "module load cuda/12.4" in script and "{{" not in script.replace("{{...}}", "")
+    assert str(tmp_path / "run" / "slurm" / "config.yaml") in script  # trains from the snapshot
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_submitting_a_local_launcher_config_is_a_usage_error(tmp_path):
+    result = run_cli("submit", "slurm", SMOKE, "cluster.launcher=local", f"run_dir={tmp_path}", "--dry-run")
+    assert result.returncode == 2 and "cluster.launcher=ray" in result.stderr
+
+
+def test_render_uses_the_configured_node_ip_and_python(tmp_path):
+    cfg = slurm.for_job(
+        config.load(
+            SMOKE, [f"run_dir={tmp_path}", "cluster.node_ip=127.0.0.2", "slurm.python=/opt/py/bin/python"]
+        )
+    )
+    script = slurm.render(cfg, tmp_path)
+    assert "HEAD_IP=127.0.0.2" in script and "PY=/opt/py/bin/python" in script
+    with pytest.raises(ValueError):
+        slurm.job_ports(-1)
