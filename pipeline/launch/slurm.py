@@ -139,7 +139,9 @@ def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
             ["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False
         )
     except FileNotFoundError:
-        raise ConfigError("sbatch not found: run on a Slurm login node (or slurm/local-cluster.sh start)") from None
+        raise ConfigError(
+            "sbatch not found: submit from a Slurm login node (or start one: slurm/local-cluster.sh start)"
+        ) from None
     if out.returncode != 0:
         raise ConfigError(f"sbatch refused {script_path}: {out.stderr.strip() or out.stdout.strip()}")
     job_id = int(out.stdout.strip().split(";")[0])
