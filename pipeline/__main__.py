@@ -202,6 +202,36 @@ def submit_slurm(
         raise typer.Exit(slurm.follow(job_id, log_path))
 
 
+@submit_app.command("ray")
+def submit_ray(
+    config: Path = typer.Argument(..., help="run YAML, e.g. configs/smoke.yaml"),
+    overrides: list[str] = typer.Argument(
+        None, help="dotted key=value overrides, e.g. cluster.num_workers=4"
+    ),
+    address: str = typer.Option(..., "--address", help="the cluster's dashboard URL, e.g. http://HEAD:8265"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="submit and return; do not follow the logs"),
+) -> None:
+    """Submit `pipeline train` as a Ray job (Job Submission API): the package code and the resolved
+    config travel as the job's working dir, WANDB_* variables as its env. The submission id is derived
+    from the run name and run dir: re-submitting follows the job while it runs, and after it failed or
+    was stopped starts it again, resuming from the run dir's checkpoints (run_dir must be on storage
+    every node sees). Exits with the job's driver exit code (0 done, 1 failed, 75 preempted)."""
+    from pipeline import config as config_mod
+    from pipeline.launch import ray as ray_launcher
+    from pipeline.launch.plan import make_plan
+
+    try:
+        cfg = make_plan(config_mod.load(config, overrides or [])).cfg
+        if cfg.cluster.launcher != "ray":
+            raise ConfigError("pipeline submit ray runs Ray Train workers: set cluster.launcher=ray")
+        code = ray_launcher.submit_job(
+            ray_launcher.for_job(cfg, Path.cwd()), address, not no_wait, sys.stdout
+        )
+    except ConfigError as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
 @app.command("eval")
 def eval_cmd(
     target: Path = typer.Argument(..., help="a run dir (its newest checkpoint) or a checkpoint dir"),

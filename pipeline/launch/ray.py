@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ DEFAULT_LOCAL_NODE_IP = "127.0.0.2"
 def _train_fn(payload: dict[str, Any]) -> None:
     """Runs in every Ray Train worker. Ray has already set up torch.distributed (gloo or nccl)."""
     import ray.train
+    import ray.util
     import torch
 
     ctx = ray.train.get_context()
@@ -37,7 +39,7 @@ def _train_fn(payload: dict[str, Any]) -> None:
         local_rank=local_rank,
         device=f"cuda:{local_rank}" if use_cuda else "cpu",
         run_id=payload["run_id"],
-        extra={"launch_id": payload["launch_id"]},
+        extra={"launch_id": payload["launch_id"], "node": ray.util.get_node_ip_address()},
     )
     final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
     metrics = {k: v for k, v in final.items() if v is not None}
@@ -124,3 +126,113 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         return dict(result.metrics or {})
     finally:
         ray.shutdown()
+
+
+# --- `pipeline submit ray`: the Ray Job Submission API ---------------------------------------------
+
+ACTIVE_JOB_STATES = {"PENDING", "RUNNING"}
+# Config keys holding local paths: made absolute for the job, which runs in its own working dir.
+PATH_KEYS = (
+    ("run_dir",),
+    ("data", "train"),
+    ("data", "val"),
+    ("checkpoint", "dir"),
+    ("init_from", "path"),
+    ("task", "score_classifier"),
+)
+
+
+def submission_id(cfg: config_mod.Config) -> str:
+    """Stable per run (name + absolute run dir): re-submitting a run finds its earlier job."""
+    import hashlib
+
+    where = hashlib.sha256(str(cfg.resolved_run_dir.resolve()).encode()).hexdigest()[:8]
+    return f"pipeline-{cfg.name}-{where}"
+
+
+def for_job(cfg: config_mod.Config, workdir: Path) -> config_mod.Config:
+    """The config the job trains from: relative local paths resolved against `workdir` (the job runs
+    in a copy of the package elsewhere), and the run dir always made explicit."""
+    tree = cfg.to_dict()
+    tree["run_dir"] = str(cfg.resolved_run_dir)
+    for keys in PATH_KEYS:
+        parent = tree
+        for key in keys[:-1]:
+            parent = parent[key]
+        value = parent.get(keys[-1])
+        if isinstance(value, str) and value and "://" not in value and not value.startswith(("pipe:", "/")):
+            parent[keys[-1]] = str((workdir / value).resolve())
+    return config_mod.from_dict(tree)
+
+
+def _job_env_vars() -> dict[str, str]:
+    keys = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")
+    keys += ("GLOO_SOCKET_IFNAME", "PIPELINE_FAULTS", "NCCL_SOCKET_IFNAME")
+    # The driver's ray.init adds the workers' env vars (run()): let Ray merge them into the job's
+    # runtime env (working dir included) instead of refusing the overlap.
+    return {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"} | {
+        k: os.environ[k] for k in keys if k in os.environ
+    }
+
+
+def submit_job(cfg: config_mod.Config, address: str, wait: bool, out: Any, poll_s: float = 1.0) -> int:
+    """Submit `pipeline train` for `cfg` to the Ray cluster at `address` (its dashboard URL); with
+    `wait`, print its logs until it ends. Returns the exit code to leave with: the driver's (75 for a
+    preempted run), else 0 for SUCCEEDED and 1 otherwise.
+
+    Re-submitting the same run (same name and run dir) attaches to its job while that one is active;
+    after it ended (failed, stopped or done), the old job record is replaced and the new job resumes
+    from the checkpoints in the run dir (`resume=auto`), with the same W&B run."""
+    import shutil
+
+    # Clusters from `ray start` want the token (Ray >= 2.52); Ray reads the mode when it is imported.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise config_mod.ConfigError(f"no Ray cluster at {address} (the dashboard address): {e}") from None
+    job_id = submission_id(cfg)
+    previous = {job.submission_id: job for job in client.list_jobs() if job.submission_id}.get(job_id)
+    if previous is not None and str(previous.status) in ACTIVE_JOB_STATES:
+        out.write(f"job {job_id} is already {previous.status}: following it\n")
+    else:
+        if previous is not None:
+            out.write(f"job {job_id} ended {previous.status} before: submitting it again (it resumes)\n")
+            client.delete_job(job_id)
+        with tempfile.TemporaryDirectory(prefix="pipeline-job-") as staging:
+            # The job's working dir: this package's code and the config snapshot, nothing else
+            # (Ray uploads it; data and checkpoints stay where the config's paths point).
+            shutil.copytree(
+                Path(__file__).resolve().parents[1],
+                Path(staging) / "pipeline",
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+            Path(staging, "config.yaml").write_text(config_mod.dump_yaml(cfg))
+            client.submit_job(
+                entrypoint="python -m pipeline train config.yaml cluster.address=auto",
+                submission_id=job_id,
+                runtime_env={"working_dir": staging, "env_vars": _job_env_vars()},
+                metadata={"run_dir": str(cfg.resolved_run_dir), "name": cfg.name},
+            )
+        out.write(f"submitted Ray job {job_id} to {address}; run dir {cfg.resolved_run_dir}\n")
+    out.flush()
+    if not wait:
+        return 0
+    printed = 0
+    while True:
+        status = str(client.get_job_status(job_id))
+        logs = client.get_job_logs(job_id)
+        out.write(logs[printed:])
+        out.flush()
+        printed = len(logs)
+        if status not in ACTIVE_JOB_STATES:
+            break
+        time.sleep(poll_s)
+    info = client.get_job_info(job_id)
+    out.write(f"[ray] job {job_id}: {status}{f' ({info.message})' if info.message else ''}\n")
+    if info.driver_exit_code is not None:
+        return int(info.driver_exit_code)
+    return 0 if status == "SUCCEEDED" else 1

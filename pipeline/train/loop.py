@@ -177,7 +177,15 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
     )
     summary = telemetry.start_summary(
-        cfg, spec, engines, batches, env.device, state.step, resume_from, tracker.location()
+        cfg,
+        spec,
+        engines,
+        batches,
+        env.device,
+        state.step,
+        resume_from,
+        tracker.location(),
+        env.extra.get("node"),
     )
     tracker.event("start", run_id=state.run_id, **summary)
     if env.is_rank0:

@@ -74,18 +74,25 @@ def start_summary(
     step: int,
     resume_from: str | None,
     wandb_location: str,
+    node: str | None = None,
 ) -> dict[str, Any]:
-    """Collective (one gather): what a user checks before trusting a run's first step."""
+    """Collective (one gather): what a user checks before trusting a run's first step. `node` names
+    this worker's node (Ray's node IP; default: the host name)."""
     shards, samples = batches.assignment()
     ranks = dist.gather_objects(
-        {"host": socket.gethostname(), "device": _device_name(device), "shards": shards, "samples": samples}
+        {
+            "node": node or socket.gethostname(),
+            "device": _device_name(device),
+            "shards": shards,
+            "samples": samples,
+        }
     )
     trainable, frozen = _parameter_counts(engines)
     offload = {"optimizer": cfg.zero.offload_optimizer, "params": cfg.zero.offload_params}
     return {
         "world_size": len(ranks),
         "backend": dist.backend(),
-        "hosts": sorted({r["host"] for r in ranks}),
+        "nodes": [r["node"] for r in ranks],
         "devices": [r["device"] for r in ranks],
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,
@@ -107,7 +114,7 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
     def spread(values: list[int]) -> str:
         return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
 
-    devices = sorted(set(s["devices"]))
+    devices, nodes = sorted(set(s["devices"])), sorted(set(s["nodes"]))
     start = (
         f"resuming after step {s['resume_step']} from {s['resume_from']}"
         if s["resume_from"]
@@ -115,7 +122,7 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
     )
     lines = [
         f"run {name} (id {run_id}): {start}",
-        f"  workers    {s['world_size']} on {len(s['hosts'])} host(s) {', '.join(s['hosts'])}; "
+        f"  workers    {s['world_size']} on {len(nodes)} node(s) {', '.join(nodes)}; "
         f"backend {s['backend']}; {', '.join(devices)}",
         f"  math       {s['precision']}, ZeRO stage {s['zero_stage']}"
         + (f", offload {'+'.join(s['offload'])}" if s["offload"] else ""),

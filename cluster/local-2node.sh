@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A real 2-node Ray cluster on one machine, for tests and demos: the head on 127.0.0.2, a worker on
+# 127.0.0.3. Both are loopback addresses other than 127.0.0.1, which Ray 2.60 rewrites to the machine's
+# external interface (so Ray's own traffic would leave loopback).
+#
+#   cluster/local-2node.sh start          # head + worker, then waits until both nodes are alive
+#   pipeline submit ray configs/smoke.yaml --address http://127.0.0.2:8265
+#   cluster/local-2node.sh stop           # stops both, by the PIDs this script recorded
+#   cluster/local-2node.sh start-worker   # (re)start only the worker node; stop-worker stops it
+#   cluster/local-2node.sh status
+#
+# Each node is `ray start --block` in the background, so stopping it by PID stops exactly that node
+# (`ray stop` would end every Ray process on the machine). Token authentication is on (Ray's default
+# for `ray start`): clients set RAY_AUTH_MODE=token and read ~/.ray/auth_token.
+# Settings (environment): PIPELINE_RAY_STATE (PIDs and logs; default /tmp/pipeline-ray-2node),
+# RAY_HEAD_PORT (6390), RAY_DASHBOARD_PORT (8265), CPUS_PER_NODE (1), RAY (the ray CLI; default: the
+# one beside this checkout's .venv python, else the one on PATH).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+STATE=${PIPELINE_RAY_STATE:-/tmp/pipeline-ray-2node}
+HEAD_IP=127.0.0.2
+WORKER_IP=127.0.0.3
+HEAD_PORT=${RAY_HEAD_PORT:-6390}
+DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+CPUS=${CPUS_PER_NODE:-1}
+if [[ -z ${RAY:-} ]]; then
+    if [[ -x $HERE/.venv/bin/ray ]]; then RAY=$HERE/.venv/bin/ray; else RAY=$(command -v ray); fi
+fi
+# Jobs submitted to the cluster run `python -m pipeline ...`: the python beside this ray CLI.
+export PATH="$(dirname "$RAY"):$PATH"
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 GLOO_SOCKET_IFNAME=lo
+mkdir -p "$STATE"
+
+alive() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+
+stop_node() {
+    if alive "$1"; then
+        local pid
+        pid=$(cat "$STATE/$1.pid")
+        kill "$pid" # `ray start --block` stops its node's processes on SIGTERM
+        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+    rm -f "$STATE/$1.pid"
+}
+
+alive_nodes() {
+    "$(dirname "$RAY")/python" - "$HEAD_IP" "$HEAD_PORT" <<'PY' 2>/dev/null || echo 0
+import sys, ray
+ray.init(address=f"{sys.argv[1]}:{sys.argv[2]}", _node_ip_address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+PY
+}
+
+wait_for_nodes() {
+    for _ in $(seq 120); do
+        if [[ $(alive_nodes | tail -1) -ge $1 ]]; then return; fi
+        sleep 1
+    done
+    echo "the cluster did not reach $1 alive node(s); see $STATE/*.log" >&2
+    exit 1
+}
+
+start_head() {
+    alive head && return
+    "$RAY" start --head --block --node-ip-address=$HEAD_IP --port="$HEAD_PORT" --num-cpus="$CPUS" \
+        --dashboard-host=$HEAD_IP --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+        >"$STATE/head.log" 2>&1 &
+    echo $! >"$STATE/head.pid"
+    wait_for_nodes 1
+}
+
+start_worker() {
+    alive worker && return
+    "$RAY" start --block --address=$HEAD_IP:"$HEAD_PORT" --node-ip-address=$WORKER_IP --num-cpus="$CPUS" \
+        >>"$STATE/worker.log" 2>&1 &
+    echo $! >"$STATE/worker.pid"
+}
+
+case "${1:-}" in
+start)
+    start_head
+    start_worker
+    wait_for_nodes 2
+    echo "2-node Ray cluster up: head $HEAD_IP:$HEAD_PORT, worker $WORKER_IP; dashboard / job API http://$HEAD_IP:$DASHBOARD_PORT"
+    ;;
+start-worker)
+    start_worker
+    wait_for_nodes 2
+    ;;
+stop-worker) stop_node worker ;;
+stop)
+    stop_node worker
+    stop_node head
+    ;;
+status) echo "alive nodes: $(alive_nodes | tail -1)" ;;
+*)
+    echo "usage: $0 start|stop|start-worker|stop-worker|status" >&2
+    exit 2
+    ;;
+esac

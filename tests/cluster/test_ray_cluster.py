@@ -1,0 +1,136 @@
+"""`pipeline submit ray` against a real 2-node Ray cluster on loopback (cluster/local-2node.sh: head
+127.0.0.2, worker 127.0.0.3): the smoke recipe trains on both nodes; re-submitting attaches to a
+running job and restarts a failed one, which resumes; a killed worker raylet costs a restart from the
+last checkpoint, not the run."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import REPO, read_jsonl, run_cli
+
+pytestmark = pytest.mark.cluster
+
+SCRIPT = REPO / "cluster" / "local-2node.sh"
+
+
+def free_port(host="127.0.0.2"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    env = {
+        **os.environ,
+        "PIPELINE_RAY_STATE": str(tmp_path_factory.mktemp("ray-2node")),
+        "RAY_HEAD_PORT": str(free_port()),
+        "RAY_DASHBOARD_PORT": str(free_port()),
+    }
+    subprocess.run([str(SCRIPT), "start"], env=env, check=True, timeout=300)
+    yield {"env": env, "address": f"http://127.0.0.2:{env['RAY_DASHBOARD_PORT']}"}
+    subprocess.run([str(SCRIPT), "stop"], env=env, timeout=120)
+
+
+def submit_args(cluster, digits_dir, run_dir, *extra):
+    return [
+        "submit",
+        "ray",
+        "configs/smoke.yaml",
+        "--address",
+        cluster["address"],
+        f"data.train={digits_dir}",
+        f"run_dir={run_dir}",
+        "tracking.wandb.mode=disabled",
+        *extra,
+    ]
+
+
+def submit(cluster, *args, env=None, timeout_s=600):
+    return run_cli(*args, env={**cluster["env"], **(env or {})}, timeout_s=timeout_s)
+
+
+def accuracy(stdout):
+    return float(re.search(r"final validation accuracy: ([\d.]+)", stdout).group(1))
+
+
+@pytest.mark.timeout(600)
+def test_submit_trains_on_both_nodes_and_a_resubmission_attaches(cluster, digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = submit_args(cluster, digits_dir, run_dir)
+    first = submit(cluster, *args, "--no-wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "submitted Ray job pipeline-smoke-" in first.stdout
+    again = submit(cluster, *args)  # the same run while it is active: follow it, do not start another
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "is already RUNNING: following it" in again.stdout or "is already PENDING" in again.stdout
+    assert accuracy(again.stdout) >= 0.95
+    (start,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "start"]
+    assert sorted(set(start["nodes"])) == ["127.0.0.2", "127.0.0.3"]  # one worker on each node
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_job_resubmitted_resumes_from_its_run_dir(cluster, digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = submit_args(cluster, digits_dir, run_dir, "train.max_steps=60", "checkpoint.every=10")
+    failed = submit(cluster, *args, env={"PIPELINE_FAULTS": "kill@25:1"})  # max_failures=0: fails
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    assert re.search(r"\[ray\] job pipeline-smoke-\S+: FAILED", failed.stdout)
+    resubmitted = submit(cluster, *args)
+    assert resubmitted.returncode == 0, resubmitted.stdout[-3000:] + resubmitted.stderr[-3000:]
+    assert "ended FAILED before: submitting it again (it resumes)" in resubmitted.stdout
+    (resume,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resume["from_step"] == 20  # the last commit before the kill at step 25
+    steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+@pytest.mark.timeout(900)
+def test_killing_the_worker_nodes_raylet_costs_a_restart_not_the_run(cluster, digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = submit_args(
+        cluster,
+        digits_dir,
+        run_dir,
+        "train.max_steps=600",
+        "train.log_every=10",
+        "checkpoint.every=50",
+        "cluster.max_failures=1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=cluster["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and any(m["step"] >= 120 for m in read_jsonl(metrics))):
+        assert time.monotonic() < deadline and proc.poll() is None, "step 120 not reached"
+        time.sleep(0.5)
+    worker_node = psutil.Process(
+        int((REPO / cluster["env"]["PIPELINE_RAY_STATE"] / "worker.pid").read_text())
+    )
+    (raylet,) = [p for p in worker_node.children(recursive=True) if p.name() == "raylet"]
+    raylet.send_signal(signal.SIGKILL)  # the worker node is gone (its `ray start --block` exits too)
+    worker_node.wait(timeout=60)
+    subprocess.run([str(SCRIPT), "start-worker"], env=cluster["env"], check=True, timeout=300)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert accuracy(out) >= 0.95
+    events = read_jsonl(run_dir / "events.jsonl")
+    (restart,) = [e for e in events if e["event"] == "restart"]
+    (resume,) = [e for e in events if e["event"] == "resume"]
+    assert restart["attempt"] == 1 and resume["from_step"] >= 100  # the last commit before the kill
+    steps = [m["step"] for m in read_jsonl(metrics) if "train/loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 600  # resumed, never logged twice
