@@ -9,8 +9,8 @@
 #   cluster/local-2node.sh start-worker   # (re)start only the worker node; stop-worker stops it
 #   cluster/local-2node.sh status
 #
-# Each node is `ray start --block` in the background, so stopping it by PID stops exactly that node
-# (`ray stop` would end every Ray process on the machine). Token authentication is on (Ray's default
+# Each node is `ray start --block` in the background in its own process group, so stopping it by
+# that group stops exactly that node (`ray stop` would end every Ray process on the machine). Token authentication is on (Ray's default
 # for `ray start`): clients set RAY_AUTH_MODE=token and read ~/.ray/auth_token.
 # Settings (environment): PIPELINE_RAY_STATE (PIDs and logs; default /tmp/pipeline-ray-2node),
 # RAY_HEAD_PORT (6390), RAY_DASHBOARD_PORT (8265), CPUS_PER_NODE (1), RAY (the ray CLI; default: the
@@ -35,11 +35,17 @@ mkdir -p "$STATE"
 alive() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
 stop_node() {
-    if alive "$1"; then
+    # Each node runs in its own process group (setsid below): SIGTERM to the group, then SIGKILL to
+    # whatever is left after 30 s (Ray's agents outlive a raylet that died first).
+    if [[ -f $STATE/$1.pid ]]; then
         local pid
         pid=$(cat "$STATE/$1.pid")
-        kill "$pid" # `ray start --block` stops its node's processes on SIGTERM
-        for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        kill -TERM -- "-$pid" 2>/dev/null || true
+        for _ in $(seq 60); do
+            pgrep -g "$pid" >/dev/null || break
+            sleep 0.5
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
     fi
     rm -f "$STATE/$1.pid"
 }
@@ -63,7 +69,7 @@ wait_for_nodes() {
 
 start_head() {
     alive head && return
-    "$RAY" start --head --block --node-ip-address=$HEAD_IP --port="$HEAD_PORT" --num-cpus="$CPUS" \
+    setsid "$RAY" start --head --block --node-ip-address=$HEAD_IP --port="$HEAD_PORT" --num-cpus="$CPUS" \
         --dashboard-host=$HEAD_IP --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
         >"$STATE/head.log" 2>&1 &
     echo $! >"$STATE/head.pid"
@@ -72,7 +78,7 @@ start_head() {
 
 start_worker() {
     alive worker && return
-    "$RAY" start --block --address=$HEAD_IP:"$HEAD_PORT" --node-ip-address=$WORKER_IP --num-cpus="$CPUS" \
+    setsid "$RAY" start --block --address=$HEAD_IP:"$HEAD_PORT" --node-ip-address=$WORKER_IP --num-cpus="$CPUS" \
         >>"$STATE/worker.log" 2>&1 &
     echo $! >"$STATE/worker.pid"
 }
@@ -92,6 +98,11 @@ stop-worker) stop_node worker ;;
 stop)
     stop_node worker
     stop_node head
+    # Ray leaves the stopped head's address in /tmp/ray/ray_current_cluster, where a later
+    # `ray.init()` would look for a cluster to join.
+    if grep -qs "^$HEAD_IP:$HEAD_PORT\$" /tmp/ray/ray_current_cluster; then
+        rm -f /tmp/ray/ray_current_cluster
+    fi
     ;;
 status) echo "alive nodes: $(alive_nodes | tail -1)" ;;
 *)

@@ -232,6 +232,60 @@ def submit_ray(
     raise typer.Exit(code)
 
 
+@app.command("bench")
+def bench_cmd(
+    names: list[str] = typer.Argument(..., help="overhead, startup, loader, checkpoint"),
+    json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON to this file"),
+    data: Path = typer.Option(
+        Path("runs/.bench"), "--data", help="where the mnist5k and digits shards are (prepared if missing)"
+    ),
+    recipes: str = typer.Option("cnn,resnet18,lstm,dcgan", "--recipes", help="overhead: which recipes"),
+    stages: str = typer.Option("0,1,2", "--stages", help="overhead: which ZeRO stages"),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="runs of each measurement (medians)"),
+) -> None:
+    """Measure and print ratio tables, baseline and ours side by side in one run.
+
+    overhead: steady-state s/step of `pipeline train` (Ray + our loop + DeepSpeed ZeRO-0/1/2) against a
+    plain DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch and precision, and
+    the input stall; startup: `pipeline train` to the first step done, with its breakdown (warm op
+    cache); loader and checkpoint: benchmarks/loader.py and benchmarks/checkpoint.py."""
+    import subprocess
+
+    from pipeline.bench import format_table, overhead, startup
+
+    known = {"overhead", "startup", "loader", "checkpoint"}
+    if unknown := [n for n in names if n not in known]:
+        _fail(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    if unknown := [r for r in recipes.split(",") if r not in overhead.RECIPES]:
+        _fail(f"--recipes: unknown recipe {unknown[0]!r}; choose from {', '.join(overhead.RECIPES)}")
+    _bench_data(data)
+    rows: list[dict] = []
+    for name in names:
+        if name == "overhead":
+            stage_list = [int(s) for s in stages.split(",")]
+            table = overhead.run(recipes.split(","), stage_list, data / "mnist5k", repeats)
+        elif name == "startup":
+            table = startup.run(data / "digits", repeats=max(3, repeats))
+        else:
+            script = overhead.REPO / "benchmarks" / f"{name}.py"
+            subprocess.run([sys.executable, str(script)], check=True)
+            continue
+        typer.echo(format_table(f"--- {name}", table))
+        rows += table
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _bench_data(root: Path) -> None:
+    """MNIST-5k and digits shards under `root`, prepared once (as `make smoke` and the recipes do)."""
+    from pipeline.data import shards, sources
+
+    if not (root / "mnist5k" / "MANIFEST.json").is_file():
+        shards.write_prepared(sources.mnist5k(), root / "mnist5k", samples_per_shard=250, overwrite=True)
+    if not (root / "digits" / "MANIFEST.json").is_file():
+        shards.write_prepared(sources.digits(), root / "digits", overwrite=True)
+
+
 @app.command("eval")
 def eval_cmd(
     target: Path = typer.Argument(..., help="a run dir (its newest checkpoint) or a checkpoint dir"),

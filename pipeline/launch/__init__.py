@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
+
+import psutil
 
 from pipeline.launch.plan import Plan, TrainingFailed, prepare_run_dir, worker_payload
 
@@ -17,6 +20,8 @@ def train(plan: Plan) -> dict[str, Any]:
     (`preempted` set when SIGTERM/SIGUSR1 made the workers commit and stop early)."""
     run_dir = prepare_run_dir(plan)
     payload = worker_payload(plan, run_id=new_run_id())
+    # Wall-clock marks for the startup breakdown (the workers add theirs: one machine, one clock).
+    payload["times"] = {"process_start": psutil.Process().create_time(), "launch": time.time()}
     signals.clear(run_dir)  # a STOP left by an earlier preempted segment must not stop this one
     previous = {
         sig: signal.signal(sig, lambda signum, frame: signals.request_stop(run_dir))

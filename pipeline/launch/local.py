@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], resu
             local_rank=rank,
             device=f"cuda:{rank}" if use_cuda else "cpu",
             run_id=payload["run_id"],
-            extra={"launch_id": payload["launch_id"]},
+            extra={"launch_id": payload["launch_id"], "times": payload.get("times", {})},
         )
         final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
         if rank == 0:

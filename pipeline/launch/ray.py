@@ -39,7 +39,11 @@ def _train_fn(payload: dict[str, Any]) -> None:
         local_rank=local_rank,
         device=f"cuda:{local_rank}" if use_cuda else "cpu",
         run_id=payload["run_id"],
-        extra={"launch_id": payload["launch_id"], "node": ray.util.get_node_ip_address()},
+        extra={
+            "launch_id": payload["launch_id"],
+            "node": ray.util.get_node_ip_address(),
+            "times": payload.get("times", {}),
+        },
     )
     final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
     metrics = {k: v for k, v in final.items() if v is not None}
@@ -87,6 +91,10 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
     else:
         needed_cpus = cluster.num_workers * cluster.cpus_per_worker
         init_kwargs = {
+            # "local": always a new in-process cluster. Without it ray.init joins whatever cluster
+            # /tmp/ray/ray_current_cluster names, even a stopped one (`ray start --block` ended by
+            # a signal leaves that file behind), and then refuses num_cpus.
+            "address": "local",
             "num_cpus": max(os.cpu_count() or 1, needed_cpus),
             "_node_ip_address": cluster.node_ip or DEFAULT_LOCAL_NODE_IP,
             "include_dashboard": False,
@@ -99,6 +107,7 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
     for sig, handler in ours.items():
         if callable(handler):
             signal.signal(sig, handler)
+    payload.setdefault("times", {})["ray_ready"] = time.time()
     try:
         trainer = TorchTrainer(
             _train_fn,

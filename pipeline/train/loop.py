@@ -149,6 +149,7 @@ def _attempt(run_dir: Path, launch_id: str, is_rank0: bool) -> int:
 def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = None) -> dict[str, Any]:
     """Train to `train.max_steps`, continuing from the newest verified checkpoint (see `agree_resume_point`).
     Returns the final metrics (the same on every rank); `preempted` is set when a stop was requested."""
+    startup = {**env.extra.get("times", {}), "worker": time.time()}  # marks for the startup event
     torch.set_num_threads(cfg.train.torch_threads or cfg.cluster.cpus_per_worker)
     run_dir = cfg.resolved_run_dir
     state = TrainState(
@@ -165,6 +166,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     mean, std = task.normalization(spec.mean, spec.std)
     spec = dataclasses.replace(spec, mean=mean, std=std)  # the space the models see (and grids undo)
     engines, universal = build_engines(cfg, spec, task, env.rank, env.world_size, resume_from)
+    startup["engines"] = time.time()
     if resume_from:
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
@@ -237,6 +239,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
     for engine in engines.values():
         engine.train(True)
+    startup["loop"] = time.time()
     for step in range(state.step + 1, cfg.train.max_steps + 1):
         faults.at_step_start(step)
         step_keys: list[str] = []
@@ -271,8 +274,11 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             nonfinite_in_a_row = 0
         if ledger is not None:
             ledger.write({"step": step, "keys": step_keys})
-        if resume_from and step == resumed_at + 1:  # recovery time: restart/resume event -> here
-            tracker.event("first_step_after_resume", step=step)
+        if step == resumed_at + 1:
+            startup |= {"first_step": time.time(), "first_batch_wait": batches.wait_s}
+            tracker.event("startup", **telemetry.startup_phases(startup))
+            if resume_from:  # recovery time: restart/resume event -> here
+                tracker.event("first_step_after_resume", step=step)
 
         if due(step, cfg.train.log_every) or step == cfg.train.max_steps:
             # Host syncs once per log interval: counters, the mean loss.

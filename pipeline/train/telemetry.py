@@ -133,3 +133,24 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
         f"  W&B        {s['wandb']}",
     ]
     return "\n".join(lines)
+
+
+def startup_phases(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds from the `pipeline train` process start to the first step done, and how they split.
+    `marks` holds wall-clock times (one machine): process_start and launch from the driver, ray_ready
+    from the Ray launcher, then worker, engines, loop, first_step and first_batch_wait (a duration)
+    from the worker."""
+    start = marks.get("process_start", marks["worker"])
+    launched = marks.get("launch", start)
+    ready = marks.get("ray_ready", launched)
+    phases = {
+        "startup_s": marks["first_step"] - start,
+        "cli_and_plan_s": launched - start,  # imports, config and data validation, run dir
+        "ray_start_s": ready - launched,  # ray.init (0 with the local launcher)
+        "worker_group_s": marks["worker"] - ready,  # worker processes, torch.distributed
+        "deepspeed_init_s": marks["engines"] - marks["worker"],  # models, engines, checkpoint load
+        "data_and_tracking_s": marks["loop"] - marks["engines"],  # loader processes, W&B, summary
+        "first_batch_s": marks["first_batch_wait"],
+    }
+    phases["first_step_s"] = marks["first_step"] - marks["loop"] - marks["first_batch_wait"]
+    return {k: round(v, 3) for k, v in phases.items()}

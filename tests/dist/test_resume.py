@@ -25,12 +25,12 @@ def test_rerun_resumes_and_falls_back_past_a_corrupt_commit(digits_dir, tmp_path
 
     events = read_jsonl(run_dir / "events.jsonl")
     assert [e["event"] for e in events] == [
-        "start", "checkpoint_commit", "checkpoint_commit", "finish",
-        "start", "resume", "first_step_after_resume", "checkpoint_commit", "checkpoint_commit", "finish",
+        "start", "startup", "checkpoint_commit", "checkpoint_commit", "finish",
+        "start", "resume", "startup", "first_step_after_resume", "checkpoint_commit", "checkpoint_commit", "finish",
     ]
-    resume = events[5]
+    resume = events[6]
     assert resume["from_step"] == 20 and resume["checkpoint"].endswith("step_00000020")
-    assert first["run_id"] == second["run_id"] == events[0]["run_id"] == events[4]["run_id"]
+    assert first["run_id"] == second["run_id"] == events[0]["run_id"] == events[5]["run_id"]
     steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # never backwards, nothing repeated
     losses = [m["train/loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m]

@@ -49,7 +49,7 @@ def test_zero_stage_and_precision(stage, precision, digits_dir, tmp_path):
     manifest = commit.verify(ckpt)
     assert manifest["zero_stage"] == stage and manifest["world_size"] == 2
     events = [e["event"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")]
-    assert events == ["start", "checkpoint_commit", "finish"]
+    assert events == ["start", "startup", "checkpoint_commit", "finish"]
 
     out = tmp_path / "weights.pt"
     export.export(ckpt, out)

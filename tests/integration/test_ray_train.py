@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,11 +37,21 @@ def test_smoke_recipe_on_ray_then_export(digits_dir, tmp_path):
     assert [m["step"] for m in evals] == [100, 200, 300]
     assert evals[-1]["eval/accuracy"] == pytest.approx(accuracy, abs=1e-4)
     assert all(k in metrics[0] for k in ("train/loss", "train/lr", "train/samples_per_s", "time"))
-    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")] == [
-        "start",
-        "checkpoint_commit",
-        "finish",
-    ]
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert [e["event"] for e in events] == ["start", "startup", "checkpoint_commit", "finish"]
+    # the startup breakdown: every phase measured, and together they are the whole startup
+    phases = {k: v for k, v in events[1].items() if k.endswith("_s") and k != "startup_s"}
+    assert set(phases) == {
+        "cli_and_plan_s",
+        "ray_start_s",
+        "worker_group_s",
+        "deepspeed_init_s",
+        "data_and_tracking_s",
+        "first_batch_s",
+        "first_step_s",
+    }
+    assert all(v >= 0 for v in phases.values()) and phases["ray_start_s"] > 0
+    assert sum(phases.values()) == pytest.approx(events[1]["startup_s"], abs=0.01)
     (ckpt,) = commit.committed(run_dir / "checkpoints")
     assert ckpt.name == "step_00000300"
     commit.verify(ckpt)
@@ -87,3 +98,48 @@ def test_cnn_mnist5k_reaches_95_percent(tmp_path):
         "step_00000200",
         "step_00000400",
     ]
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_clusters_leftover_address_does_not_capture_a_local_run(digits_dir, tmp_path):
+    """`ray start --block` ended by a signal leaves its address in /tmp/ray/ray_current_cluster;
+    ray.init() would try to join that dead cluster. Our in-process cluster is always a new one."""
+    leftover = Path("/tmp/ray/ray_current_cluster")
+    saved = leftover.read_text() if leftover.exists() else None
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_text("127.0.0.2:1")  # nothing listens there
+    try:
+        args = [f"data.train={digits_dir}", f"run_dir={tmp_path / 'run'}", "train.max_steps=10"]
+        proc = run_cli("train", "configs/smoke.yaml", *args, "optim.warmup_steps=1")
+    finally:
+        if saved is None:
+            leftover.unlink(missing_ok=True)
+        else:
+            leftover.write_text(saved)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final step 10" in proc.stdout
+
+
+@pytest.mark.timeout(600)
+def test_bench_overhead_prints_a_ratio_table_against_ddp(tmp_path):
+    out = tmp_path / "rows.json"
+    args = [
+        "bench",
+        "overhead",
+        "--recipes",
+        "cnn",
+        "--stages",
+        "0",
+        "--data",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    ddp, ours = rows["cnn: DDP loop (gloo, in-memory batches)"], rows["cnn: pipeline ZeRO-0"]
+    assert ddp["unit"] == ours["unit"] == "s/step" and 0 < ddp["value"] < 5 and 0 < ours["value"] < 5
+    assert ours["baseline"] == ddp["value"] and ours["ratio"] == pytest.approx(ours["value"] / ddp["value"])
+    assert 0 <= rows["cnn: input stall ZeRO-0"]["value"] < 1
+    assert "cnn: pipeline ZeRO-0" in proc.stdout  # the printed table
