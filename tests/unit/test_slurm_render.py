@@ -47,11 +47,12 @@ def test_the_ports_helper_prints_shell_exports_the_script_can_eval():
     assert out.stdout.split() == [env["RAY_GCS_PORT"], "/tmp/ray-job42"]
 
 
-def test_dry_run_renders_a_script_that_bash_accepts(tmp_path):
+def test_dry_run_renders_a_script_that_bash_accepts(digits_dir, tmp_path):
     result = run_cli(
         "submit",
         "slurm",
         SMOKE,
+        f"data.train={digits_dir}",
         f"run_dir={tmp_path / 'run'}",
         "slurm.partition=gpu",
         "slurm.nodes=2",
@@ -89,8 +90,9 @@ def test_dry_run_renders_a_script_that_bash_accepts(tmp_path):
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
-def test_submitting_a_local_launcher_config_is_a_usage_error(tmp_path):
-    result = run_cli("submit", "slurm", SMOKE, "cluster.launcher=local", f"run_dir={tmp_path}", "--dry-run")
+def test_submitting_a_local_launcher_config_is_a_usage_error(digits_dir, tmp_path):
+    args = [f"data.train={digits_dir}", "cluster.launcher=local", f"run_dir={tmp_path}", "--dry-run"]
+    result = run_cli("submit", "slurm", SMOKE, *args)
     assert result.returncode == 2 and "cluster.launcher=ray" in result.stderr
 
 
