@@ -240,7 +240,7 @@ def bench_cmd(
         Path("runs/.bench"), "--data", help="where the mnist5k and digits shards are (prepared if missing)"
     ),
     recipes: str = typer.Option("cnn,resnet18,lstm,dcgan", "--recipes", help="overhead: which recipes"),
-    stages: str = typer.Option("0,1,2", "--stages", help="overhead: which ZeRO stages"),
+    stages: str = typer.Option("0,2", "--stages", help="overhead: which ZeRO stages, e.g. 0,1,2"),
     repeats: int = typer.Option(1, "--repeats", min=1, help="runs of each measurement (medians)"),
 ) -> None:
     """Measure and print ratio tables, baseline and ours side by side in one run.

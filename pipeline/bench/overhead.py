@@ -36,12 +36,15 @@ RECIPES = {
 class DDPEngine:
     """What the tasks call on an engine, over a plain DDP module and a torch optimizer."""
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, clip_grad_norm: float
+    ) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         self.ddp = DistributedDataParallel(module)
         self.optimizer = optimizer
         self.autocast = precision == "bf16"
+        self.clip_grad_norm = clip_grad_norm  # the recipe's clipping, as DeepSpeed applies it for us
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
@@ -58,6 +61,8 @@ class DDPEngine:
         loss.backward()
 
     def step(self) -> None:
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.ddp.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -87,7 +92,10 @@ def _ddp_worker(
     for name, module in task.split(model).items():
         optim = cfg.optim_for(name)
         engines[name] = DDPEngine(
-            module, make_optimizer(param_groups(module, optim.weight_decay), optim), cfg.precision
+            module,
+            make_optimizer(param_groups(module, optim.weight_decay), optim),
+            cfg.precision,
+            cfg.train.clip_grad_norm,
         )
     # Batches in memory, as the loader hands them over (uint8 HWC); normalized every step, as ours.
     c, h, w = spec.sample_shape
