@@ -190,7 +190,7 @@ def submit_slurm(
     from pipeline.launch.plan import make_plan
 
     try:
-        cfg = slurm.for_job(make_plan(config_mod.load(config, overrides or [])).cfg)
+        cfg = make_plan(config_mod.load(config, overrides or [])).cfg  # local paths made absolute
         if dry_run:
             typer.echo(slurm.render(cfg, Path.cwd()).rstrip())
             return
@@ -224,9 +224,7 @@ def submit_ray(
         cfg = make_plan(config_mod.load(config, overrides or [])).cfg
         if cfg.cluster.launcher != "ray":
             raise ConfigError("pipeline submit ray runs Ray Train workers: set cluster.launcher=ray")
-        code = ray_launcher.submit_job(
-            ray_launcher.for_job(cfg, Path.cwd()), address, not no_wait, sys.stdout
-        )
+        code = ray_launcher.submit_job(cfg, address, not no_wait, sys.stdout)
     except ConfigError as e:
         _fail(str(e))
     raise typer.Exit(code)

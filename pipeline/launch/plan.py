@@ -81,13 +81,16 @@ class Plan:
 
 
 def _absolute(cfg: Config) -> Config:
-    """Workers may run in another cwd (Ray): ship absolute local paths."""
+    """Workers may run in another cwd (Ray workers, a Ray job's working dir, a Slurm job): ship
+    absolute local paths."""
     tree = cfg.to_dict()
     tree["run_dir"] = str(cfg.resolved_run_dir.resolve())
     if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
         tree["checkpoint"]["dir"] = str(Path(cfg.checkpoint.dir).resolve())
     if cfg.task.score_classifier:
         tree["task"]["score_classifier"] = os.path.abspath(cfg.task.score_classifier)
+    if cfg.init_from.path:  # always a local file or dir (weights.load_weights)
+        tree["init_from"]["path"] = os.path.abspath(cfg.init_from.path)
     for key in ("train", "val"):
         value = tree["data"][key]
         if value and not shards.is_remote(value):

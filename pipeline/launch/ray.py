@@ -140,15 +140,6 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
 # --- `pipeline submit ray`: the Ray Job Submission API ---------------------------------------------
 
 ACTIVE_JOB_STATES = {"PENDING", "RUNNING"}
-# Config keys holding local paths: made absolute for the job, which runs in its own working dir.
-PATH_KEYS = (
-    ("run_dir",),
-    ("data", "train"),
-    ("data", "val"),
-    ("checkpoint", "dir"),
-    ("init_from", "path"),
-    ("task", "score_classifier"),
-)
 
 
 def submission_id(cfg: config_mod.Config) -> str:
@@ -157,21 +148,6 @@ def submission_id(cfg: config_mod.Config) -> str:
 
     where = hashlib.sha256(str(cfg.resolved_run_dir.resolve()).encode()).hexdigest()[:8]
     return f"pipeline-{cfg.name}-{where}"
-
-
-def for_job(cfg: config_mod.Config, workdir: Path) -> config_mod.Config:
-    """The config the job trains from: relative local paths resolved against `workdir` (the job runs
-    in a copy of the package elsewhere), and the run dir always made explicit."""
-    tree = cfg.to_dict()
-    tree["run_dir"] = str(cfg.resolved_run_dir)
-    for keys in PATH_KEYS:
-        parent = tree
-        for key in keys[:-1]:
-            parent = parent[key]
-        value = parent.get(keys[-1])
-        if isinstance(value, str) and value and "://" not in value and not value.startswith(("pipe:", "/")):
-            parent[keys[-1]] = str((workdir / value).resolve())
-    return config_mod.from_dict(tree)
 
 
 def _job_env_vars() -> dict[str, str]:
@@ -185,7 +161,8 @@ def _job_env_vars() -> dict[str, str]:
 
 
 def submit_job(cfg: config_mod.Config, address: str, wait: bool, out: Any, poll_s: float = 1.0) -> int:
-    """Submit `pipeline train` for `cfg` to the Ray cluster at `address` (its dashboard URL); with
+    """Submit `pipeline train` for `cfg` (a plan's config: local paths absolute, see plan._absolute)
+    to the Ray cluster at `address` (its dashboard URL); with
     `wait`, print its logs until it ends. Returns the exit code to leave with: the driver's (75 for a
     preempted run), else 0 for SUCCEEDED and 1 otherwise.
 

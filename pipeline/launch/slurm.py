@@ -120,13 +120,6 @@ def render(cfg: Config, workdir: Path) -> str:
     return text
 
 
-def for_job(cfg: Config) -> Config:
-    """The config the job trains from: the run dir made absolute (the job may start elsewhere)."""
-    tree = cfg.to_dict()
-    tree["run_dir"] = str(cfg.resolved_run_dir.resolve())
-    return config_mod.from_dict(tree)
-
-
 def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
     """Write the config snapshot and the script into RUN_DIR/slurm/, sbatch it; (job id, log path)."""
     snapshot, script_path, log_path = paths(cfg)

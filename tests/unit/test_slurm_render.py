@@ -97,11 +97,8 @@ def test_submitting_a_local_launcher_config_is_a_usage_error(digits_dir, tmp_pat
 
 
 def test_render_uses_the_configured_node_ip_and_python(tmp_path):
-    cfg = slurm.for_job(
-        config.load(
-            SMOKE, [f"run_dir={tmp_path}", "cluster.node_ip=127.0.0.2", "slurm.python=/opt/py/bin/python"]
-        )
-    )
+    overrides = [f"run_dir={tmp_path}", "cluster.node_ip=127.0.0.2", "slurm.python=/opt/py/bin/python"]
+    cfg = config.load(SMOKE, overrides)
     script = slurm.render(cfg, tmp_path)
     assert "HEAD_IP=127.0.0.2" in script and "PY=/opt/py/bin/python" in script
     with pytest.raises(ValueError):
