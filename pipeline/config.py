@@ -42,6 +42,12 @@ class DataConfig(Section):
     batch_size: int = Field(64, gt=0, description="samples per worker per micro-step")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the in-memory shuffle buffer")
+    cache_mb: float = Field(
+        0,
+        ge=0,
+        description="MB of decoded train samples each loader process keeps, so later epochs skip "
+        "reading and decoding their shards (0: off); a small dataset fits whole",
+    )
     on_error: Literal["strict", "skip"] = Field(
         "strict", description="strict: fail on the first bad sample; skip: skip and count bad samples"
     )

@@ -153,6 +153,18 @@ class Engine:
         # DeepSpeed only updates on the gradient-accumulation boundary; the LR schedule steps with it.
         self.ds.step()
 
+    @property
+    def can_discard_grads(self) -> bool:
+        """Whether `discard_grads` can undo a backward: under ZeRO-0 the gradients are the parameters'
+        `.grad` and nothing else (ZeRO-1/2/3 keep reduced partitions in DeepSpeed's private buffers);
+        with accumulation a backward adds to gradients that must be kept."""
+        return self.ds.zero_optimization_stage() == 0 and self.ds.gradient_accumulation_steps() == 1
+
+    def discard_grads(self) -> None:
+        """Throw away the last backward's gradients (a skipped step): the weights, optimizer state, LR
+        schedule and DeepSpeed's step counters stay as they were."""
+        self.ds.zero_grad()
+
     def lr(self) -> list[float]:
         return [group["lr"] for group in self.ds.optimizer.param_groups]
 

@@ -2,9 +2,10 @@
 
 A task is given its engines by name (anything callable like the module, with `backward`, `step` and
 `module`), and an `agree(loss) -> bool` callable from the loop: a collective that every rank calls
-before each backward, true when the loss is finite on every rank. A task calls it the same number of
-times on every rank (its decisions are agreed), so collectives stay in step; when it returns false the
-task returns at once with `skipped=True` and no further update.
+once per backward, true when the loss is finite on every rank (`single_update` calls it, before
+backward or overlapped with it, see there). A task calls it the same number of times on every rank
+(its decisions are agreed), so collectives stay in step; when it returns false the task returns at
+once with `skipped=True` and no further update.
 
     task.split(model)            -> {engine name: module}    each becomes one DeepSpeed engine
     task.train_step(engines, x, y, step, agree) -> (losses, skipped)

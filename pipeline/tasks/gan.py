@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tasks.base import Agree, Task
+from pipeline.tasks.base import Agree, Task, single_update
 
 
 def latent_dim_of(generator: Any) -> int:
@@ -54,10 +54,8 @@ class GanTask(Task):
             d(x).float(), real_target
         ) + F.binary_cross_entropy_with_logits(d(fake.detach()).float(), torch.zeros_like(real_target))
         losses = {"loss": d_loss.detach(), "d_loss": d_loss.detach()}
-        if not agree(d_loss):
+        if not single_update(d, d_loss, agree):
             return losses, True
-        d.backward(d_loss)
-        d.step()
         # D's parameters are frozen for G's update: its engine must neither compute nor reduce their
         # gradients (under ZeRO-2 a second reduction in one step fails: "has already been reduced").
         # G's loss goes through D's plain module, not D's engine: the engine hooks its outputs and
@@ -73,10 +71,8 @@ class GanTask(Task):
                 d_module(fake.float()).float(), torch.ones_like(real_target)
             )
             losses |= {"loss": d_loss.detach() + g_loss.detach(), "g_loss": g_loss.detach()}
-            if not agree(g_loss):
+            if not single_update(g, g_loss, agree):
                 return losses, True
-            g.backward(g_loss)
-            g.step()
         finally:
             for p in trainable:
                 p.requires_grad_(True)

@@ -5,6 +5,7 @@ Each function is a collective when a process group exists: every rank must call 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,19 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_async(t: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+    """Start an all-reduce of `t` in place; the returned function waits for it and returns `t`."""
+    if not is_distributed():
+        return lambda: t
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return t
+
+    return wait
 
 
 def gather_objects(obj: Any) -> list[Any]:

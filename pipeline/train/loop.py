@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,40 @@ class WorkerEnv:
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
+
+
+class Agreement:
+    """The collective every rank calls once per backward (tasks call it; see tasks/__init__.py). One
+    tiny all-reduce, the step's only host sync: every rank must agree to skip a non-finite loss (a
+    rank that steps alone would deadlock ZeRO's collectives), to stop for a preemption at the same
+    step, and on when all background checkpoint writes are done (then the commit, itself collective,
+    cannot block). `flags` holds the last agreed (non-finite, stop, writes busy)."""
+
+    def __init__(self, faults: Faults, stop: StopRequest, checkpointer: persist.Checkpointer) -> None:
+        self.faults, self.stop, self.checkpointer = faults, stop, checkpointer
+        self.step = 0
+        self.flags = [0.0, 0.0, 0.0]
+
+    def _local(self, loss: torch.Tensor) -> torch.Tensor:
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if self.faults.nan_loss(self.step):
+            bad = torch.ones_like(bad)
+        return torch.stack(
+            [bad, bad.new_tensor(self.stop.requested()), bad.new_tensor(self.checkpointer.busy())]
+        )
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        self.flags = dist.all_reduce(self._local(loss), "max").tolist()
+        return not self.flags[0]
+
+    def start(self, loss: torch.Tensor) -> Callable[[], bool]:
+        wait = dist.all_reduce_async(self._local(loss), "max")
+
+        def agreed() -> bool:
+            self.flags = wait().tolist()
+            return not self.flags[0]
+
+        return agreed
 
 
 def due(step: int, every: int) -> bool:
@@ -216,20 +251,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     resumed_at = state.step
     preempted = False
 
-    flags = [0.0, 0.0, 0.0]
-
-    def agree(loss: torch.Tensor) -> bool:
-        """Collective, before every backward. One tiny all-reduce, the step's only host sync: every
-        rank must agree to skip a non-finite loss (a rank that steps alone would deadlock ZeRO's
-        collectives), to stop for a preemption at the same step, and on when all background checkpoint
-        writes are done (then the commit, itself collective, cannot block)."""
-        nonlocal flags
-        bad = (~torch.isfinite(loss.detach())).any().float()
-        if faults.nan_loss(step):
-            bad = torch.ones_like(bad)
-        local = torch.stack([bad, bad.new_tensor(stop.requested()), bad.new_tensor(checkpointer.busy())])
-        flags = dist.all_reduce(local, "max").tolist()
-        return not flags[0]
+    agree = Agreement(faults, stop, checkpointer)
 
     fixed_x = evaluation.fixed_inputs(spec, cfg, env.device) if not task.needs_labels else None
     classifier = None  # for the GAN's eval/digit_score
@@ -242,6 +264,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     startup["loop"] = time.time()
     for step in range(state.step + 1, cfg.train.max_steps + 1):
         faults.at_step_start(step)
+        agree.step = step
         step_keys: list[str] = []
         skipped = False
         for _ in range(cfg.train.grad_accum):
@@ -314,7 +337,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             window = {}
             window_start, window_steps, window_wait_s = time.perf_counter(), 0, batches.wait_s
 
-        preempted = bool(flags[1])
+        preempted = bool(agree.flags[1])
         if due(step, cfg.train.eval_every) or (step == cfg.train.max_steps and not preempted):
             eval_metrics = evaluate_all(engines, task, spec, cfg, env, step, fixed_x, classifier, tracker)
             tracker.log(step, eval_metrics)
@@ -331,7 +354,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
         # agreed (flags, step), so every rank reaches this collective together.
         pending = checkpointer.pending
         if pending is not None and (
-            not flags[2] or step - pending.step >= cfg.checkpoint.max_commit_lag_steps
+            not agree.flags[2] or step - pending.step >= cfg.checkpoint.max_commit_lag_steps
         ):
             checkpointer.finish(must_commit=False)
         if due(step, cfg.checkpoint.every) or step == cfg.train.max_steps or preempted:
