@@ -66,22 +66,30 @@ def test_a_nan_step_is_skipped_and_three_in_a_row_abort(digits_dir, tmp_path, mo
 
 
 @pytest.mark.timeout(300)
-def test_a_skipped_zero0_step_discards_its_gradients(digits_dir, tmp_path, monkeypatch):
-    """ZeRO-0 agrees on the skip during backward and then throws the gradients away; ZeRO-2 agrees
-    before backward. Left-over step-5 gradients would add to step 6's and move the weights apart."""
+def test_zero0_discards_a_skipped_steps_gradients_and_clips_like_zero2(digits_dir, tmp_path, monkeypatch):
+    """ZeRO-0 agrees on the skip during backward and then throws the gradients away, and clips the
+    gradients itself; ZeRO-2 agrees before backward and DeepSpeed clips. Left-over step-5 gradients
+    (added to step 6's by SGD) or a missing clip (the norm is ~10x the limit) would move the weights
+    apart."""
     monkeypatch.setenv("PIPELINE_FAULTS", "nan@5:1")
-    weights = {}
+    weights, norms = {}, {}
     for stage in (0, 2):
         run_dir = tmp_path / f"z{stage}"
-        launch.train(make_plan(cfg_for(digits_dir, run_dir, "train.max_steps=8", f"zero.stage={stage}")))
+        extra = ("train.max_steps=8", f"zero.stage={stage}", "optim.name=sgd", "train.clip_grad_norm=0.1")
+        launch.train(make_plan(cfg_for(digits_dir, run_dir, *extra)))
         (skip,) = events(run_dir, "nonfinite")
         (commit4,) = [e for e in events(run_dir, "checkpoint_commit") if e["step"] == 4]
         assert skip["step"] == 5 and skip["weights"] == commit4["weights"]
         weights[stage] = export.consolidated_state_dict(commit.committed(run_dir / "checkpoints")[-1])
+        norms[stage] = [
+            r["train/grad_norm"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/grad_norm" in r
+        ]
+    assert len(norms[0]) == len(norms[2]) == 8 and min(norms[0]) > 0.5  # so 0.1 clips every step
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)  # the norm before clipping, as DeepSpeed reports it
     floats = [k for k, t in weights[0].items() if t.is_floating_point()]
     assert floats and set(floats) <= set(weights[2])
     worst = max((weights[0][k] - weights[2][k]).abs().max().item() for k in floats)
-    assert worst < 1e-4, f"ZeRO-0 and ZeRO-2 weights after a skipped step differ by {worst}"
+    assert worst < 1e-5, f"ZeRO-0 and ZeRO-2 weights after a skipped step differ by {worst}"
 
 
 @pytest.mark.timeout(300)
