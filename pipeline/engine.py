@@ -42,6 +42,8 @@ def deepspeed_config(
     if zero.stage >= 2:
         # overlap_comm only helps with a real interconnect; on gloo/CPU it just adds buffers.
         zero_section |= {"overlap_comm": torch.cuda.is_available(), "contiguous_gradients": True}
+    if norm_on_demand(zero, precision, train):
+        zero_section["compute_grad_norm"] = False  # switched on at log steps: Engine.measure_grad_norm
     if zero.offload_optimizer:
         zero_section["offload_optimizer"] = {"device": "cpu"}
     if zero.offload_params:
@@ -78,6 +80,19 @@ def clips_locally(zero: ZeroConfig, precision: str, train: TrainConfig) -> bool:
     2 cores. Under ZeRO-0 every rank holds the same averaged gradients, so the local norm is the
     global one. (fp16: DeepSpeed's fp16 optimizer must clip the unscaled gradients itself.)"""
     return zero.stage == 0 and precision != "fp16" and train.clip_grad_norm > 0
+
+
+def norm_on_demand(zero: ZeroConfig, precision: str, train: TrainConfig) -> bool:
+    """Whether ZeRO-1/2 compute the gradient norm only when it is logged. Without clipping the norm
+    is only a metric, but DeepSpeed computes it every step with one all-reduce per param group:
+    ~3 ms of a 60 ms CNN step on 2 cores. (Clipping needs it every step; DeepSpeed refuses to skip
+    it with optimizer offload, and fp16 keeps DeepSpeed's defaults.)"""
+    return (
+        zero.stage in (1, 2)
+        and train.clip_grad_norm == 0
+        and not zero.offload_optimizer
+        and precision != "fp16"
+    )
 
 
 def param_groups(
@@ -179,6 +194,13 @@ class Engine:
         """Throw away the last backward's gradients (a skipped step): the weights, optimizer state, LR
         schedule and DeepSpeed's step counters stay as they were."""
         self.ds.zero_grad()
+
+    def measure_grad_norm(self, on: bool) -> None:
+        """Compute the gradient norm in the coming steps (`grad_norm`), where it is optional (see
+        `norm_on_demand`). DeepSpeed reads its optimizer's flag at every step; the config key of the
+        same name only sets its initial value."""
+        if self.ds.zero_optimization_stage() in (1, 2) and not self.ds.zero_compute_grad_norm():
+            self.ds.optimizer.compute_grad_norm = on
 
     def lr(self) -> list[float]:
         return [group["lr"] for group in self.ds.optimizer.param_groups]

@@ -265,6 +265,9 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
     for step in range(state.step + 1, cfg.train.max_steps + 1):
         faults.at_step_start(step)
         agree.step = step
+        logging_now = due(step, cfg.train.log_every) or step == cfg.train.max_steps
+        for engine in engines.values():
+            engine.measure_grad_norm(logging_now)  # ZeRO-1/2 without clipping: its all-reduces only now
         step_keys: list[str] = []
         skipped = False
         for _ in range(cfg.train.grad_accum):
@@ -303,7 +306,7 @@ def run(cfg: Config, spec: DataSpec, env: WorkerEnv, resume_from: str | None = N
             if resume_from:  # recovery time: restart/resume event -> here
                 tracker.event("first_step_after_resume", step=step)
 
-        if due(step, cfg.train.log_every) or step == cfg.train.max_steps:
+        if logging_now:
             # Host syncs once per log interval: counters, the mean loss.
             counters.sync(state, tracker, cfg, spec, env.device)
             done_micro = max(1, window_steps * cfg.train.grad_accum)

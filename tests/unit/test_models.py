@@ -72,3 +72,21 @@ def test_deepspeed_config_precision_and_raw_merge():
         micro_batch_size=8, train=train, precision="fp32", zero=ZeroConfig(stage=0), raw={}
     )
     assert "torch_autocast" not in fp32 and "fp16" not in fp32
+
+
+def test_who_clips_and_when_the_gradient_norm_is_computed():
+    clip, plain = TrainConfig(clip_grad_norm=1.0), TrainConfig()
+
+    def ds(stage, train, precision="bf16", **zero):
+        zero_cfg = ZeroConfig(stage=stage, **zero)
+        return deepspeed_config(micro_batch_size=8, train=train, precision=precision, zero=zero_cfg, raw={})
+
+    # ZeRO-0 clips in Engine.step (no norm all-reduce); under fp16 and ZeRO-1+ DeepSpeed clips
+    assert ds(0, clip)["gradient_clipping"] == 0.0
+    assert ds(0, clip, "fp16")["gradient_clipping"] == 1.0 and ds(2, clip)["gradient_clipping"] == 1.0
+    # ZeRO-1/2 without clipping compute the norm only when it is logged (Engine.measure_grad_norm)
+    assert ds(1, plain)["zero_optimization"]["compute_grad_norm"] is False
+    assert ds(2, plain)["zero_optimization"]["compute_grad_norm"] is False
+    assert "compute_grad_norm" not in ds(2, clip)["zero_optimization"]
+    assert "compute_grad_norm" not in ds(3, plain)["zero_optimization"]
+    assert "compute_grad_norm" not in ds(2, plain, offload_optimizer=True)["zero_optimization"]
