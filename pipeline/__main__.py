@@ -245,7 +245,8 @@ def bench_cmd(
 
     overhead: steady-state s/step of `pipeline train` (Ray + our loop + DeepSpeed ZeRO-0/1/2) against a
     plain DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch and precision, and
-    the input stall; startup: `pipeline train` to the first step done, with its breakdown (warm op
+    the input stall, after a warm-up that covers the first epoch (the recipes' decoded cache fills,
+    data.cache_mb); startup: `pipeline train` to the first step done, with its breakdown (warm op
     cache); loader and checkpoint: benchmarks/loader.py and benchmarks/checkpoint.py."""
     import subprocess
 
