@@ -193,6 +193,13 @@ class ClusterConfig(Section):
     address: str | None = Field(None, description="existing Ray cluster; default: start one in-process")
     node_ip: str | None = Field(None, description="address Ray nodes use; in-process default 127.0.0.2")
     collective_timeout_s: int = Field(300, gt=0)
+    worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of the Ray training workers (Ray's default is 15: then Ray's own "
+        "processes and the driver preempt training on a busy node)",
+    )
 
 
 class SlurmConfig(Section):

@@ -3,6 +3,7 @@ scale, overflow-skipped steps, grad norm), peak memory, and rank 0's start summa
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 from pathlib import Path
@@ -82,6 +83,7 @@ def start_summary(
     ranks = dist.gather_objects(
         {
             "node": node or socket.gethostname(),
+            "niceness": os.nice(0),  # Ray's default for workers is 15 (cluster.worker_niceness)
             "device": _device_name(device),
             "shards": shards,
             "samples": samples,
@@ -93,6 +95,7 @@ def start_summary(
         "world_size": len(ranks),
         "backend": dist.backend(),
         "nodes": [r["node"] for r in ranks],
+        "niceness": [r["niceness"] for r in ranks],
         "devices": [r["device"] for r in ranks],
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,

@@ -75,6 +75,7 @@ def test_submit_trains_on_both_nodes_and_a_resubmission_attaches(cluster, digits
     assert accuracy(again.stdout) >= 0.95
     (start,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "start"]
     assert sorted(set(start["nodes"])) == ["127.0.0.2", "127.0.0.3"]  # one worker on each node
+    assert start["niceness"] == [0, 0]  # the job's runtime env overrides Ray's worker niceness of 15
 
 
 @pytest.mark.timeout(600)

@@ -132,6 +132,7 @@ def test_killed_driver_rerun_resumes_with_one_wandb_run(digits_dir, tmp_path):
     starts = [e for e in events if e["event"] == "start"]
     (resume,) = [e for e in events if e["event"] == "resume"]
     assert len(starts) == 2 and starts[0]["run_id"] == starts[1]["run_id"]
+    assert starts[0]["niceness"] == [0, 0]  # cluster.worker_niceness, not Ray's 15
     assert resume["from_step"] >= 10
     steps = [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # never twice, never backwards
