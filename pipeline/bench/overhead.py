@@ -25,15 +25,16 @@ from pipeline.bench import median, row
 
 REPO = Path(__file__).resolve().parents[2]
 # recipe: (config, steps per log window, measured windows, warm-up windows). The pipeline's warm-up
-# covers its first epoch on MNIST-5k (2,000 samples a rank: 32 steps), while the loader processes
-# read and decode every shard once and `data.cache_mb` fills; then every epoch comes from memory.
-# ResNet-18 loads in ~9 ms of a ~250 ms step, so its steady state needs no full epoch: 2 windows.
-# The DDP loop, fed from memory from the start, warms up for one window.
+# covers about its first epoch on MNIST-5k (2,000 samples a rank: 32 steps), while the loader
+# processes read and decode every shard once and `data.cache_mb` fills; then epochs come from memory.
+# ResNet-18 and the DCGAN load in ~9 ms of a 170-250 ms step, so their steady state needs no full
+# epoch. The DDP loop, fed from memory from the start, warms up for one window. (Three measured
+# windows keep the default run, 8 `pipeline train` starts included, under 5 minutes here.)
 RECIPES = {
-    "cnn": ("cnn-mnist5k", 20, 4, 2),
-    "resnet18": ("resnet18-mnist5k", 5, 4, 2),
-    "lstm": ("lstm-rows-mnist5k", 10, 4, 4),
-    "dcgan": ("dcgan-mnist5k", 10, 4, 3),
+    "cnn": ("cnn-mnist5k", 20, 3, 2),
+    "resnet18": ("resnet18-mnist5k", 5, 3, 2),
+    "lstm": ("lstm-rows-mnist5k", 10, 3, 3),
+    "dcgan": ("dcgan-mnist5k", 10, 3, 2),
 }
 
 
