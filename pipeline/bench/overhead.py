@@ -134,6 +134,10 @@ def _ddp_worker(
             start = now
     if rank == 0:
         Path(out).write_text(json.dumps(per_step))
+    # Both ranks leave together: a rank that tears its gloo connections down while the other still
+    # uses them can make the other's gloo thread throw, and abort that process (seen once in CI as
+    # "process 0 terminated with signal SIGABRT").
+    dist.barrier()
     dist.destroy_process_group()
 
 
