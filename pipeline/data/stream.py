@@ -298,8 +298,9 @@ class ShardStream(IterableDataset):
 # Batches up to this size leave a loader process in-band, as numpy arrays pickled through the queue's
 # pipe. Torch would send tensors as shared-memory file descriptors, and receiving each one costs a
 # socket connection and an authentication handshake with the sender's resource-sharer thread: about
-# 0.6 ms per tensor on an idle core, several ms when the sender's core is busy (measured on MNIST
-# batches of 50 KB: 2.1 -> 0.3 ms per batch). Copying a large batch through the pipe costs more.
+# 0.6 ms per tensor on an idle core, more when the sender's core is busy (measured per 50 KB MNIST
+# batch: 2.1 -> 0.7 ms, consumer idle; 3.2 -> 1.1 ms, consumer busy). A large batch costs more to
+# copy through the pipe than to hand over.
 INBAND_MAX_BYTES = 1 << 20
 
 
