@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,8 @@ class Engine:
     name: str
     ds: Any  # deepspeed.DeepSpeedEngine
     clip_grad_norm: float = 0.0  # > 0: `step` clips (see `clips_locally`), DeepSpeed does not
-    _grad_norm: torch.Tensor | None = None  # the last local clipping's norm (a tensor: no host sync)
+    # the last local clipping's norm (a tensor: no host sync)
+    _grad_norm: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.ds(*args, **kwargs)

@@ -38,9 +38,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _reduce_op(op: str) -> Any:
+    return dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=_reduce_op(op))
     return t
 
 
@@ -48,7 +52,7 @@ def all_reduce_async(t: torch.Tensor, op: str = "sum") -> Callable[[], torch.Ten
     """Start an all-reduce of `t` in place; the returned function waits for it and returns `t`."""
     if not is_distributed():
         return lambda: t
-    work = dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, async_op=True)
+    work = dist.all_reduce(t, op=_reduce_op(op), async_op=True)
 
     def wait() -> torch.Tensor:
         work.wait()

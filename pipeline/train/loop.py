@@ -79,8 +79,7 @@ class Agreement:
         )
 
     def __call__(self, loss: torch.Tensor) -> bool:
-        self.flags = dist.all_reduce(self._local(loss), "max").tolist()
-        return not self.flags[0]
+        return self.start(loss)()
 
     def start(self, loss: torch.Tensor) -> Callable[[], bool]:
         wait = dist.all_reduce_async(self._local(loss), "max")
