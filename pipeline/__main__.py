@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 training failed; 2 usage, config or input error (raised be
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 app = typer.Typer(
     help="Fault-tolerant distributed training: Ray Train + DeepSpeed ZeRO + WebDataset.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="Prepare and inspect WebDataset shards.", no_args_is_help=True)
@@ -116,6 +117,9 @@ def train(
     overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. optim.lr=3e-4"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config YAML"),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="also show Ray's, DeepSpeed's and W&B's output (else: RUN_DIR/logs)"
+    ),
 ) -> None:
     """Train: validate everything, then run the workers (Ray by default) to train.max_steps.
 
@@ -127,10 +131,11 @@ def train(
     75 preempted by SIGTERM/SIGUSR1 with a committed checkpoint (re-run to resume).
     """
     from pipeline import config as config_mod
-    from pipeline.launch.plan import make_plan
 
     try:
-        cfg = config_mod.load(config, overrides or [])
+        cfg = config_mod.load(config, overrides or [])  # before torch is imported: a typo fails fast
+        from pipeline.launch.plan import make_plan
+
         plan = make_plan(cfg)
     except ConfigError as e:
         _fail(str(e))
@@ -140,8 +145,10 @@ def train(
         typer.echo("--- plan (dry run: nothing started, nothing written)")
         typer.echo(plan.describe())
         return
-    from pipeline import launch
+    from pipeline import launch, tracking
 
+    if verbose:
+        os.environ[tracking.VERBOSE_ENV] = "1"  # read by the launchers and, through them, the workers
     typer.echo(plan.describe())
     try:
         final = launch.train(plan)
@@ -232,56 +239,103 @@ def submit_ray(
 
 @app.command("bench")
 def bench_cmd(
-    names: list[str] = typer.Argument(..., help="overhead, startup, loader, checkpoint"),
+    names: list[str] = typer.Argument(
+        ..., help="overhead, startup, loader, checkpoint, gpu, recipes (what each measures: above)"
+    ),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON to this file"),
     data: Path = typer.Option(
         Path("runs/.bench"), "--data", help="where the mnist5k and digits shards are (prepared if missing)"
     ),
-    recipes: str = typer.Option("cnn,resnet18,lstm,dcgan", "--recipes", help="overhead: which recipes"),
+    recipes: str = typer.Option(
+        None,
+        "--recipes",
+        help="overhead: of cnn,resnet18,lstm,dcgan; recipes: of cnn,resnet18,lstm-rows,gru-rows,"
+        "lstm-next-row,autoencoder,vae,dcgan (default: all)",
+    ),
     stages: str = typer.Option("0,2", "--stages", help="overhead: which ZeRO stages, e.g. 0,1,2"),
     repeats: int = typer.Option(1, "--repeats", min=1, help="runs of each measurement (medians)"),
+    samples: int = typer.Option(3000, "--samples", min=1, help="loader: synthetic JPEGs to write"),
+    size: str = typer.Option("256x256", "--size", help="loader: their size in pixels, HxW"),
+    jpegs: Path = typer.Option(None, "--jpegs", help="loader: a prepared dir of JPEG shards instead"),
+    params_m: float = typer.Option(25.0, "--params-m", min=0.01, help="checkpoint: millions of parameters"),
+    ckpt_dir: Path = typer.Option(None, "--dir", help="checkpoint: where to write (default: temp dir)"),
+    images: int = typer.Option(20000, "--images", min=1, help="gpu: synthetic 224x224 JPEGs to train on"),
+    batch: int = typer.Option(256, "--batch", min=1, help="gpu: batch size"),
+    loader_workers: int = typer.Option(
+        None, "--loader-workers", min=1, help="gpu: loader processes (default: cores - 2)"
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="recipes: where their run dirs go (replaced)"),
+    launcher: str = typer.Option("ray", "--launcher", help="recipes: cluster.launcher, ray | local"),
 ) -> None:
     """Measure and print ratio tables, baseline and ours side by side in one run.
 
-    overhead: steady-state s/step of `pipeline train` (Ray + our loop + DeepSpeed ZeRO-0/1/2) against a
-    plain DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch and precision, and
-    the input stall, after a warm-up that covers the first epoch (the recipes' decoded cache fills,
-    data.cache_mb); startup: `pipeline train` to the first step done, with its breakdown (warm op
-    cache); loader and checkpoint: benchmarks/loader.py and benchmarks/checkpoint.py."""
-    import subprocess
+    \b
+    overhead    steady-state s/step of `pipeline train` (ZeRO stages) against a plain DDP loop, input stall
+    startup     `pipeline train` to its first step done, and how those seconds split
+    loader      our stream against a raw tar read, and its decode rate against the cores' own
+    checkpoint  checkpoint commit MB/s against dd, and the loop time lost per save
+    gpu         ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)
+    recipes     does each recipe learn on MNIST-5k: its eval metric against its goal, wall time
 
-    from pipeline.bench import format_table, overhead, startup
+    overhead compares with a DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch
+    and precision, after a warm-up that covers the first epoch; startup warms the op cache first;
+    overhead, startup, gpu and recipes train the recipes in configs/ (run them from a checkout)."""
+    import importlib
 
-    known = {"overhead", "startup", "loader", "checkpoint"}
-    if unknown := [n for n in names if n not in known]:
-        _fail(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-    if unknown := [r for r in recipes.split(",") if r not in overhead.RECIPES]:
-        _fail(f"--recipes: unknown recipe {unknown[0]!r}; choose from {', '.join(overhead.RECIPES)}")
-    _bench_data(data)
+    from pipeline.bench import BENCHMARKS, BenchError, format_table
+
+    if unknown := [n for n in names if n not in BENCHMARKS]:
+        _fail(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    modules = {name: importlib.import_module(f"pipeline.bench.{name}") for name in dict.fromkeys(names)}
+    # which recipes each benchmark trains (--recipes names them in that benchmark's own terms)
+    choices = {"overhead": "RECIPES", "recipes": "GOALS"}
+    picked = {
+        name: recipes.split(",") if recipes else list(getattr(modules[name], attr))
+        for name, attr in choices.items()
+        if name in modules
+    }
+    for name, chosen in picked.items():
+        known = getattr(modules[name], choices[name])
+        if unknown := [r for r in chosen if r not in known]:
+            _fail(f"--recipes: {unknown[0]!r} is no recipe of bench {name}; choose from {', '.join(known)}")
+    data, runs = data.resolve(), runs.resolve()  # training subprocesses run in the checkout
     rows: list[dict] = []
-    for name in names:
-        if name == "overhead":
-            stage_list = [int(s) for s in stages.split(",")]
-            table = overhead.run(recipes.split(","), stage_list, data / "mnist5k", repeats)
-        elif name == "startup":
-            table = startup.run(data / "digits", repeats=max(3, repeats))
-        else:
-            script = overhead.REPO / "benchmarks" / f"{name}.py"
-            subprocess.run([sys.executable, str(script)], check=True)
-            continue
-        typer.echo(format_table(f"--- {name}", table))
-        rows += table
+    try:
+        if "gpu" in modules:
+            modules["gpu"].check()  # no CUDA: exit 2 before any other benchmark spends its minutes
+        _bench_data(data, list(modules))
+        for name in names:
+            bench = modules[name]
+            if name == "overhead":
+                stage_list = [int(s) for s in stages.split(",")]
+                table = bench.run(picked[name], stage_list, data / "mnist5k", repeats)
+            elif name == "startup":
+                table = bench.run(data / "digits", repeats=max(3, repeats))
+            elif name == "loader":
+                table = bench.run(samples, size, jpegs, echo=typer.echo)
+            elif name == "checkpoint":
+                table = bench.run(params_m, ckpt_dir, echo=typer.echo)
+            elif name == "gpu":
+                table = bench.run(data / "mnist5k", images, batch, loader_workers, echo=typer.echo)
+            else:
+                table = bench.run(picked[name], data / "mnist5k", runs, launcher, echo=typer.echo)
+            typer.echo(format_table(f"--- {name}", table))
+            rows += table
+    except (BenchError, ConfigError) as e:
+        _fail(str(e))
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
-def _bench_data(root: Path) -> None:
-    """MNIST-5k and digits shards under `root`, prepared once (as `make smoke` and the recipes do)."""
+def _bench_data(root: Path, names: list[str]) -> None:
+    """The MNIST-5k and digits shards under `root` that benchmarks `names` train on, prepared once
+    (as `make smoke` and the recipes do)."""
     from pipeline.data import shards, sources
 
-    if not (root / "mnist5k" / "MANIFEST.json").is_file():
+    mnist = {"overhead", "gpu", "recipes"} & set(names)
+    if mnist and not (root / "mnist5k" / "MANIFEST.json").is_file():
         shards.write_prepared(sources.mnist5k(), root / "mnist5k", samples_per_shard=250, overwrite=True)
-    if not (root / "digits" / "MANIFEST.json").is_file():
+    if "startup" in names and not (root / "digits" / "MANIFEST.json").is_file():
         shards.write_prepared(sources.digits(), root / "digits", overwrite=True)
 
 
@@ -293,7 +347,7 @@ def eval_cmd(
     """Score a checkpoint on the val shards of its run (config.yaml beside it), without DeepSpeed."""
     from pipeline import config as config_mod
     from pipeline.launch.plan import make_plan
-    from pipeline.train.evaluate import evaluate_checkpoint, find_checkpoint
+    from pipeline.train.evaluator import evaluate_checkpoint, find_checkpoint
 
     try:
         ckpt = find_checkpoint(target)

@@ -235,7 +235,11 @@ class Config(Section):
     task: TaskConfig = Field(default_factory=TaskConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 where every worker's device computes it natively (a bf16 GPU, a CPU with "
+        "AVX-512 BF16/AMX), else fp32; the start summary says which and why",
+    )
     zero: ZeroConfig = Field(default_factory=ZeroConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config, merged last")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -257,7 +261,7 @@ class Config(Section):
         if self.precision == "fp16" and not self.cluster.use_gpu:
             raise ValueError(
                 "precision=fp16 needs GPUs (dynamic loss scaling is a GPU feature); "
-                "use precision=bf16 on CPU, or set cluster.use_gpu=true"
+                "use precision=auto (or bf16/fp32) on CPU, or set cluster.use_gpu=true"
             )
         if self.init_from.unfreeze_at_step and not self.init_from.freeze:
             raise ValueError("init_from.unfreeze_at_step needs init_from.freeze patterns")

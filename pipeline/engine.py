@@ -6,6 +6,8 @@ Multi-model tasks (GANs) build several, each from its own slices.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig, TrainConfig, ZeroConfig
+from pipeline.tracking import verbose
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -71,6 +74,60 @@ def deepspeed_config(
     elif precision == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return _merge(cfg, raw)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU with bf16 (Ampere or newer), or a CPU
+    with AVX-512 BF16 or AMX (an Arm CPU: its BF16 extension, as oneDNN reports it). Elsewhere bf16
+    autocast is emulated: on an AVX2-only CPU several times slower than fp32, and oneDNN has no
+    LSTM/GRU kernel for it at all (ENVIRONMENT.md)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    flags = _x86_cpu_flags()
+    if flags is not None:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _x86_cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo on x86 Linux, else None. (torch 2.13 exposes no
+    public probe for AVX-512 BF16; `_is_mkldnn_bf16_supported` is also true on AVX-512 CPUs that
+    only emulate it.)"""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def choose_precision(requested: str, *, native: bool, device: str) -> tuple[str, str]:
+    """(the precision to train in, why): `auto` is bf16 where every worker's device computes it
+    natively (`native`, agreed over ranks), else fp32; an explicit choice is kept."""
+    kind = "GPU" if device.startswith("cuda") else "CPU"
+    if requested != "auto":
+        return requested, "set in the config"
+    if native:
+        return "bf16", f"auto: every worker's {kind} computes bf16 natively"
+    if kind == "GPU":
+        return "fp32", "auto: not every worker's GPU supports bf16, so fp32"
+    return "fp32", "auto: not every worker's CPU has AVX-512 BF16 or AMX, so fp32 (faster than emulated bf16)"
+
+
+def forced_bf16_warning(precision: str, *, native: bool, device: str) -> str | None:
+    """The warning for bf16 forced on hardware that only emulates it, or None."""
+    if precision != "bf16" or native:
+        return None
+    kind = "GPU" if device.startswith("cuda") else "CPU"
+    return (
+        f"precision=bf16 on a {kind} without native bf16: expect several times fp32's step time, "
+        "and torch's LSTM/GRU have no bf16 kernel there (oneDNN fails); precision=auto picks fp32 here"
+    )
 
 
 def clips_locally(zero: ZeroConfig, precision: str, train: TrainConfig) -> bool:
@@ -164,7 +221,13 @@ class Engine:
     _grad_norm: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.ds(*args, **kwargs)
+        if not self.ds.fp16_enabled():
+            return self.ds(*args, **kwargs)
+        # DeepSpeed's fp16 section casts the module to half but leaves its inputs alone (a conv then
+        # fails: "Input type (torch.cuda.FloatTensor) and weight type (torch.cuda.HalfTensor)"). Feed
+        # it half, and hand back fp32 so that losses and their reductions are computed in fp32.
+        out = self.ds(*_cast_floating(args, torch.half), **_cast_floating(kwargs, torch.half))
+        return _cast_floating(out, torch.float32)
 
     @property
     def module(self) -> nn.Module:
@@ -195,6 +258,39 @@ class Engine:
         """Throw away the last backward's gradients (a skipped step): the weights, optimizer state, LR
         schedule and DeepSpeed's step counters stay as they were."""
         self.ds.zero_grad()
+
+    def abandon_accumulation(self) -> None:
+        """Drop the gradients of this optimizer step's micro-batches so far (a step skipped after some
+        of its micro-batches ran backward) and rewind DeepSpeed's micro-step counter to the step's
+        start, so its next accumulation boundary is again the loop's step end. Without the rewind a
+        skipped micro-batch (no `step()`) shifts every later update across two loop steps.
+
+        DeepSpeed has no public call for this; it is what its own fp16-overflow path does to skip an
+        update (stage_1_and_2 / stage3 `step` on overflow), without the loss-scale change."""
+        done = self.ds.micro_steps % self.ds.gradient_accumulation_steps()
+        if done == 0:
+            return  # no backward of this step reached DeepSpeed: nothing to drop
+        optimizer = self.ds.optimizer
+        self.ds.zero_grad()  # the module's .grad (ZeRO-0/1 accumulate there until the boundary)
+        if self.ds.zero_optimization_stage() == 0:
+            optimizer.zero_grad(set_to_none=True)
+        else:  # ZeRO-2/3 reduce every micro-step into partitions; ZeRO-1 keeps nothing else yet
+            optimizer.zero_grad(set_to_none=True)  # ZeRO-3 also resets its micro_step_id here
+            release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+            if release is not None:
+                release()
+            if getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False):
+                optimizer.reset_cpu_buffers()
+            elif isinstance(optimizer.averaged_gradients, dict) and self.ds.zero_optimization_stage() == 3:
+                optimizer.averaged_gradients = {}
+            else:
+                for key in list(optimizer.averaged_gradients):
+                    optimizer.averaged_gradients[key] = None
+                    if hasattr(optimizer, "all_grad_tensors"):
+                        optimizer.all_grad_tensors[key] = None
+            if self.ds.zero_optimization_stage() in (1, 2):
+                optimizer.micro_step_id = -1  # INITIAL_MICRO_STEP_ID: the next backward starts afresh
+        self.ds.micro_steps -= done
 
     def measure_grad_norm(self, on: bool) -> None:
         """Compute the gradient norm in the coming steps (`grad_norm`), where it is optional (see
@@ -243,18 +339,26 @@ class Engine:
     def is_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (the fp32 masters under ZeRO: what the
         optimizer holds in its param groups). A local check; callers agree across ranks."""
-        return all(
-            bool(torch.isfinite(p).all()) for group in self.ds.optimizer.param_groups for p in group["params"]
-        )
+        return all(bool(torch.isfinite(p).all()) for p in self._master_weights())
+
+    def _master_weights(self) -> list[torch.Tensor]:
+        """This rank's fp32 master weights (its partition under ZeRO). ZeRO-3 keeps them out of the
+        optimizer's param groups between steps (it puts them in only inside its step and its state
+        dict calls), so read its flat partitions there, less the alignment padding (left uninitialised
+        by ZeRO-3's partitioning); ZeRO-0/1/2 hold them in the param groups (padding zeroed)."""
+        optimizer = self.ds.optimizer
+        flat = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        if flat is not None:
+            return [t for group in optimizer.get_groups_without_padding(flat) for t in group]
+        return [p for group in optimizer.param_groups for p in group["params"]]
 
     def weights_checksum(self) -> tuple[float, float]:
         """(sum, sum of squares) of the fp32 master weights in float64, over all ranks. Collective.
         Independent of how ZeRO partitions them (up to float64 rounding), so it compares a run's
         weights across a save and a resume at another world size."""
-        tensors = [p for group in self.ds.optimizer.param_groups for p in group["params"]]
-        device = tensors[0].device if tensors else torch.device("cpu")  # NCCL reduces GPU tensors only
+        device = self.ds.device  # NCCL reduces GPU tensors only (offloaded masters live on the CPU)
         local = torch.zeros(2, dtype=torch.float64, device=device)
-        for p in tensors:
+        for p in self._master_weights():
             flat = p.detach().double()
             local += torch.stack([flat.sum(), (flat * flat).sum()]).to(device)
         if self.ds.zero_optimization_stage() > 0 and torch.distributed.is_initialized():
@@ -269,6 +373,17 @@ class Engine:
         # DeepSpeed returns None instead of raising when it finds nothing: never start fresh silently.
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{tag}' under {directory}")
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """`value` with its floating-point tensors (also inside lists, tuples and dicts) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if type(value) in (list, tuple):
+        return type(value)(_cast_floating(v, dtype) for v in value)
+    if type(value) is dict:
+        return {k: _cast_floating(v, dtype) for k, v in value.items()}
+    return value
 
 
 def _writer_checkpoint_engine(writer: Any) -> Any:
@@ -331,8 +446,12 @@ def build_engine(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [_group_schedule(optim, train.max_steps, g["start_step"]) for g in groups]
     )
-    ds_engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
-    )
+    # DeepSpeed prints (not logs) its op builds and communication setup here; a quiet console keeps
+    # them out unless `pipeline train --verbose`. Errors still raise (and go to stderr).
+    quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        ds_engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
+        )
     local_clip = train.clip_grad_norm if clips_locally(zero, precision, train) else 0.0
     return Engine(name=name, ds=ds_engine, clip_grad_norm=local_clip)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.data import shards, sources
+from pipeline.net import free_port
 from tests.helpers import first_key, rewrite_member
 
 # Tests never talk to W&B unless they ask for offline mode; Ray keeps its hands off the network.
@@ -60,9 +60,7 @@ def s3_endpoint():
     """A real S3 API (moto's server) on 127.0.0.1; credentials key=testing, secret=testing."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     yield f"http://127.0.0.1:{port}"

@@ -68,31 +68,21 @@ def first_key(path, n=0):
 
 
 def read_wandb(path: Path) -> dict:
-    """What an offline W&B run recorded, read from its `.wandb` file: {"run_id", "config" (top-level
-    keys), "history": [{key: value, "_step": n}], "summary": {key: value}, "artifacts": [{"name",
-    "type", "aliases", "refs"}]}. The file is a LevelDB-log-style stream (a 7-byte
-    header, 32 KiB blocks of records with a 7-byte header: crc32, length u16, type u8 (1 full, 2 first,
-    3 middle, 4 last)), each record a wandb_internal_pb2.Record (see ENVIRONMENT.md)."""
-    import struct
+    """What an offline W&B run recorded, read from its `.wandb` file (pipeline.tracking.wandb_records):
+    {"run_id", "config" (top-level keys), "history": [{key: value, "_step": n}], "summary": {key:
+    value}, "artifacts": [{"name", "type", "aliases", "refs"}], "exit_code": the run's exit code, None
+    if it never finished}."""
+    from pipeline.tracking import wandb_records
 
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, pending = path.read_bytes(), 7, 32768, b""
-    found: dict = {"run_id": None, "config": [], "history": [], "summary": {}, "artifacts": []}
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # too little room left in a block for a header: padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            break
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind not in (1, 4):
-            continue
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending)
-        pending = b""
+    found: dict = {
+        "run_id": None,
+        "config": [],
+        "history": [],
+        "summary": {},
+        "artifacts": [],
+        "exit_code": None,
+    }
+    for record in wandb_records(path):
         which = record.WhichOneof("record_type")
         if which == "run":
             found["run_id"] = record.run.run_id
@@ -105,6 +95,8 @@ def read_wandb(path: Path) -> dict:
             found["summary"] |= {
                 (u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in record.summary.update
             }
+        elif which == "exit":
+            found["exit_code"] = record.exit.exit_code
         elif which == "artifact":
             art = record.artifact
             found["artifacts"].append(

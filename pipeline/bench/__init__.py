@@ -7,7 +7,35 @@ them); `baseline` is what the value is compared with in the same run, `ratio` = 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
+
+# name: what it measures (one line each; `pipeline bench --help` lists them)
+BENCHMARKS = {
+    "overhead": "steady-state s/step of `pipeline train` (ZeRO stages) against a plain DDP loop, input stall",
+    "startup": "`pipeline train` to its first step done, and how those seconds split",
+    "loader": "our stream against a raw tar read, and its decode rate against the cores' own",
+    "checkpoint": "checkpoint commit MB/s against dd, and the loop time lost per save",
+    "gpu": "ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)",
+    "recipes": "does each recipe learn on MNIST-5k: its eval metric against its goal, wall time",
+}
+# The checkout this package runs from, when it does: the recipes' configs/ live there, not in the package.
+REPO = Path(__file__).resolve().parents[2]
+
+
+class BenchError(ValueError):
+    """A benchmark cannot run here (no CUDA, no recipe configs): the CLI exits 2 with the message."""
+
+
+def find_config(name: str) -> Path:
+    """`configs/NAME.yaml` of the checkout this package runs from, else of the current directory."""
+    for root in (REPO, Path.cwd()):
+        if (path := root / "configs" / f"{name}.yaml").is_file():
+            return path
+    raise BenchError(
+        f"this benchmark trains the recipe configs/{name}.yaml, found neither in {REPO} nor in "
+        f"{Path.cwd()}: run it from a checkout of the repository"
+    )
 
 
 def row(name: str, value: float, unit: str, baseline: float | None = None) -> dict[str, Any]:

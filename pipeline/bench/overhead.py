@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 import torch
 
 from pipeline import config as config_mod
-from pipeline.bench import median, row
+from pipeline.bench import find_config, median, row
+from pipeline.net import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 # recipe: (config, steps per log window, measured windows, warm-up windows). The pipeline's warm-up
 # covers about its first epoch on MNIST-5k (2,000 samples a rank: 32 steps), while the loader
 # processes read and decode every shard once and `data.cache_mb` fills; then epochs come from memory.
@@ -39,7 +38,9 @@ RECIPES = {
 
 
 class DDPEngine:
-    """What the tasks call on an engine, over a plain DDP module and a torch optimizer."""
+    """What `Step.update` calls on an engine, over a plain DDP module and a torch optimizer."""
+
+    can_discard_grads = False  # agree, then backward: no collective at all with NoAgreement
 
     def __init__(
         self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, clip_grad_norm: float
@@ -75,9 +76,6 @@ class DDPEngine:
 class NoAgreement:
     """Plain DDP loops skip nothing: every loss is taken as agreed, without a collective."""
 
-    def __call__(self, loss: torch.Tensor) -> bool:
-        return True
-
     def start(self, loss: torch.Tensor) -> Any:
         return lambda: True
 
@@ -90,10 +88,13 @@ def _ddp_worker(
     from pipeline import models, tasks
     from pipeline.data.shards import DataSpec
     from pipeline.data.transforms import normalize
-    from pipeline.engine import make_optimizer, param_groups
+    from pipeline.engine import choose_precision, make_optimizer, native_bf16, param_groups
+    from pipeline.tasks.base import Step
 
     cfg = config_mod.from_dict(cfg_dict)
     spec = DataSpec.from_dict(spec_dict)
+    # precision=auto resolves as `pipeline train` resolves it on this CPU: both sides compute alike
+    precision, _ = choose_precision(cfg.precision, native=native_bf16("cpu"), device="cpu")
     torch.set_num_threads(cfg.train.torch_threads or cfg.cluster.cpus_per_worker)
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -109,7 +110,7 @@ def _ddp_worker(
         engines[name] = DDPEngine(
             module,
             make_optimizer(param_groups(module, optim.weight_decay), optim),
-            cfg.precision,
+            precision,
             cfg.train.clip_grad_norm,
         )
     # Batches in memory, as the loader hands them over (uint8 HWC); normalized every step, as ours.
@@ -122,11 +123,12 @@ def _ddp_worker(
         for _ in range(8)
     ]
     _, window, windows, _ = RECIPES[recipe]
+    agree = NoAgreement()
     per_step: list[float] = []
     start = time.perf_counter()
     for step in range(1, window * (windows + 1) + 1):
         x, y = batches[step % len(batches)]
-        task.train_step(engines, normalize(x, mean, std), y, step, NoAgreement())
+        task.train_step(Step(x=normalize(x, mean, std), y=y, number=step, engines=engines, agree=agree))
         if step % window == 0:
             now = time.perf_counter()
             if step > window:  # the first window is warm-up
@@ -141,16 +143,10 @@ def _ddp_worker(
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_config(recipe: str, data: Path, run_dir: Path, stage: int) -> config_mod.Config:
     name, window, windows, warmup = RECIPES[recipe]
     cfg = config_mod.load(
-        REPO / "configs" / f"{name}.yaml",
+        find_config(name),
         [
             f"data.train={data}",
             f"run_dir={run_dir}",
@@ -176,7 +172,7 @@ def ddp_seconds_per_step(recipe: str, cfg: config_mod.Config, spec: Any) -> list
         out = str(Path(tmp) / "ddp.json")
         mp.spawn(
             _ddp_worker,
-            args=(cfg.cluster.num_workers, _free_port(), recipe, cfg.to_dict(), spec.to_dict(), out),
+            args=(cfg.cluster.num_workers, free_port(), recipe, cfg.to_dict(), spec.to_dict(), out),
             nprocs=cfg.cluster.num_workers,
         )
         return json.loads(Path(out).read_text())

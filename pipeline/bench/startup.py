@@ -11,9 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import median, row
+from pipeline.bench import find_config, median, row
 
-REPO = Path(__file__).resolve().parents[2]
 PHASES = [
     ("cli_and_plan_s", "python, imports, config + data validation"),
     ("ray_start_s", "Ray start (in-process cluster)"),
@@ -28,9 +27,10 @@ PHASES = [
 def one_run(data: Path, run_dir: Path, *overrides: str) -> dict[str, Any]:
     args = [f"data.train={data}", f"run_dir={run_dir}", "train.max_steps=3", "train.eval_every=0"]
     args += ["tracking.wandb.mode=disabled", "resume=never", "optim.warmup_steps=1", *overrides]
+    config = find_config("smoke")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", str(REPO / "configs" / "smoke.yaml"), *args],
-        cwd=REPO,
+        [sys.executable, "-m", "pipeline", "train", str(config), *args],
+        cwd=config.parents[1],
         capture_output=True,
         text=True,
     )
@@ -41,6 +41,7 @@ def one_run(data: Path, run_dir: Path, *overrides: str) -> dict[str, Any]:
 
 
 def run(data: Path, repeats: int = 3) -> list[dict[str, Any]]:
+    data = data.resolve()  # `pipeline train` runs in the checkout
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         one_run(data, Path(tmp) / "warm")  # DeepSpeed's JIT op cache, page cache: not counted
         runs = [one_run(data, Path(tmp) / f"run{i}") for i in range(repeats)]

@@ -157,37 +157,6 @@ def finish(
     return final
 
 
-def save(
-    engines: Iterable[SavesItself],
-    state: dict[str, Any],
-    root: Path,
-    step: int,
-    *,
-    is_rank0: bool,
-    all_ok: Callable[[bool], bool],
-    gather: Callable[[Any], list[Any]],
-    writer: BackgroundWriter,
-    metadata: dict[str, Any],
-    retention: Retention,
-    before_commit: Callable[[], None] | None = None,
-) -> Path:
-    """A synchronous save: `start` and `finish` back to back."""
-    pending = start(
-        engines,
-        state,
-        root,
-        step,
-        is_rank0=is_rank0,
-        all_ok=all_ok,
-        writer=writer,
-        metadata=metadata,
-        before_commit=before_commit,
-    )
-    return finish(
-        pending, is_rank0=is_rank0, all_ok=all_ok, gather=gather, writer=writer, retention=retention
-    )
-
-
 def _file_table(root: Path, hashed: dict[str, tuple[int, str]]) -> dict[str, dict[str, Any]]:
     """Every file's size and sha256: from the writers where they hashed it, else read now (small
     metadata files DeepSpeed writes itself)."""

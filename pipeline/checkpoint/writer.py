@@ -4,8 +4,8 @@ The loop is blocked only while `submit` copies every tensor of a state dict into
 are allocated once and reused by every later save (fresh allocations page-fault at ~0.3 GB/s here;
 copies into touched memory run at ~7 GB/s). A thread then `torch.save`s the staged copy while a second
 thread reads the growing file back from the page cache, hashes it (sha256, for the MANIFEST) and
-fsyncs it, so hashing overlaps writing instead of re-reading every file after the write. Measured in
-benchmarks/checkpoint.py.
+fsyncs it, so hashing overlaps writing instead of re-reading every file after the write. Measured by
+`pipeline bench checkpoint`.
 
 Written by hand because torch.distributed.checkpoint's async save needs its own on-disk format, and
 DeepSpeed must be able to load what we write with its own loader.

@@ -86,8 +86,28 @@ def shard_order(layout: Layout, epoch: int) -> list[int]:
 
 
 def reader_shards(layout: Layout, epoch: int, base: Base | None, num_readers: int, reader: int) -> list[int]:
+    """The shards reader `reader` of `num_readers` reads in `epoch` (in its reading order)."""
     remaining = [s for s in shard_order(layout, epoch) if base is None or s not in base.full]
     return remaining[reader::num_readers]
+
+
+def rank_readers(rank: int, loader_workers: int) -> range:
+    """The readers of one rank: one per DataLoader process, g = rank * W + loader process."""
+    workers = max(1, loader_workers)
+    return range(rank * workers, (rank + 1) * workers)
+
+
+def rank_shards(
+    layout: Layout, epoch: int, base: Base | None, world_size: int, loader_workers: int, rank: int
+) -> list[int]:
+    """The shards all readers of `rank` read in `epoch` together: the split by reader, not by rank (with
+    12 shards, 2 ranks x 4 loader processes, rank 0's readers 0-3 read 8 shards and rank 1's 4)."""
+    num_readers = world_size * max(1, loader_workers)
+    return [
+        s
+        for g in rank_readers(rank, loader_workers)
+        for s in reader_shards(layout, epoch, base, num_readers, g)
+    ]
 
 
 def windows(layout: Layout, shards: list[int]) -> list[list[int]]:

@@ -251,7 +251,7 @@ class ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         assert num_workers == self.cursor.loader_workers, "DataLoader processes != cursor readers per rank"
         local = (worker + self.cursor.rotation[self.rank]) % num_workers
-        reader = self.rank * num_workers + local
+        reader = cur.rank_readers(self.rank, num_workers)[local]
         pending_bad: list[Bad] = []
         epoch, good_in_epoch = self.cursor.readers[reader].epoch, 0
         spec = self.decoder.spec
@@ -353,6 +353,15 @@ def layout_for(spec: DataSpec, cfg: DataConfig, seed: int, split: str = "train")
     return cur.Layout(tuple(counts), 0, False, 0)
 
 
+def shards_per_rank(spec: DataSpec, cfg: DataConfig, world_size: int, seed: int) -> list[int]:
+    """Train shards each rank's readers read in a fresh run's first epoch (`--dry-run`); the same
+    split `TrainBatches` streams, shards dealt to readers (rank x loader process), not to ranks."""
+    layout = layout_for(spec, cfg, seed)
+    return [
+        len(cur.rank_shards(layout, 0, None, world_size, cfg.num_workers, rank)) for rank in range(world_size)
+    ]
+
+
 class TrainBatches:
     """A rank's training batches, with the cursor of what this rank has consumed (`local_state`)."""
 
@@ -392,8 +401,7 @@ class TrainBatches:
             pin_memory=pin_memory,
         )
         self._iter = iter(self.loader)
-        mine = range(rank * self.workers, (rank + 1) * self.workers)
-        self.positions = {g: self.cursor.readers[g] for g in mine}
+        self.positions = {g: self.cursor.readers[g] for g in cur.rank_readers(rank, self.workers)}
         self.rotation = self.cursor.rotation[rank]
         self.wait_s = 0.0  # time spent waiting for batches (input stall)
 
@@ -422,13 +430,9 @@ class TrainBatches:
     def assignment(self) -> tuple[int, int]:
         """(shards, samples) this rank's readers cover in the current epoch (the start summary)."""
         epoch = self.epoch
-        shards = [
-            s
-            for g in self.positions
-            for s in cur.reader_shards(
-                self.layout, epoch, self.cursor.base(epoch), self.cursor.num_readers, g
-            )
-        ]
+        shards = cur.rank_shards(
+            self.layout, epoch, self.cursor.base(epoch), self.world_size, self.workers, self.rank
+        )
         return len(shards), sum(self.layout.counts[s] for s in shards)
 
     def close(self) -> None:

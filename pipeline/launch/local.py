@@ -7,7 +7,6 @@ that is what the Ray launcher is for.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from datetime import timedelta
@@ -20,16 +19,14 @@ import torch.multiprocessing as mp
 from pipeline import config as config_mod
 from pipeline.data.shards import DataSpec
 from pipeline.launch.plan import TrainingFailed
+from pipeline.net import free_port
 from pipeline.train import loop
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], results: Any) -> None:
+def worker(rank: int, world_size: int, port: int, payloads: list[dict[str, Any]], results: Any) -> None:
+    """One local rank: join the process group, run each payload in turn (the launcher passes one; the
+    dist tests run several recipes per pair of processes), put rank 0's final metrics of each on
+    `results` as ("ok", final), or ("error", traceback) and raise, then leave."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -38,32 +35,34 @@ def _worker(rank: int, world_size: int, port: int, payload: dict[str, Any], resu
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    cfg = config_mod.from_dict(payload["config"])
-    use_cuda = cfg.cluster.use_gpu and torch.cuda.is_available()
+    cluster = config_mod.from_dict(payloads[0]["config"]).cluster  # the same for every payload
+    use_cuda = cluster.use_gpu and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group(
         "nccl" if use_cuda else "gloo",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=cfg.cluster.collective_timeout_s),
+        timeout=timedelta(seconds=cluster.collective_timeout_s),
     )
-    try:
-        env = loop.WorkerEnv(
-            rank=rank,
-            world_size=world_size,
-            local_rank=rank,
-            device=f"cuda:{rank}" if use_cuda else "cpu",
-            run_id=payload["run_id"],
-            extra={"launch_id": payload["launch_id"], "times": payload.get("times", {})},
-        )
-        final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
-        if rank == 0:
-            results.put(("ok", final))
-    except BaseException:
-        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        dist.destroy_process_group()
-        raise
+    for payload in payloads:
+        try:
+            env = loop.WorkerEnv(
+                rank=rank,
+                world_size=world_size,
+                device=f"cuda:{rank}" if use_cuda else "cpu",
+                run_id=payload["run_id"],
+                launch_id=payload["launch_id"],
+                startup_marks=payload.get("times", {}),
+            )
+            cfg = config_mod.from_dict(payload["config"])
+            final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
+            if rank == 0:
+                results.put(("ok", final))
+        except BaseException:
+            results.put(("error", f"rank {rank}, run {payload['run_id']}:\n{traceback.format_exc()}"))
+            dist.destroy_process_group()
+            raise
     # Done: every rank has its result out. Leave without the interpreter's teardown, where C++
     # destructors of the communication threads (gloo, DeepSpeed's shm op) have been seen to abort
     # ("terminate called without an active exception") and turn a finished run into a failure.
@@ -78,8 +77,8 @@ def run(payload: dict[str, Any], world_size: int) -> dict[str, Any]:
     results = ctx.SimpleQueue()
     try:
         mp.start_processes(
-            _worker,
-            args=(world_size, _free_port(), payload, results),
+            worker,
+            args=(world_size, free_port(), [payload], results),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -18,12 +18,15 @@ from pipeline import models, tasks
 from pipeline.checkpoint import commit, store
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
-from pipeline.data.stream import check_shard_count
+from pipeline.data.stream import check_shard_count, shards_per_rank
 from pipeline.train import finetune
 
 
 class TrainingFailed(RuntimeError):
     """Training started and failed (after Ray's retries): exit 1."""
+
+
+AUTO_NOTE = " (bf16 if every worker's device computes it natively, else fp32)"
 
 
 @dataclass
@@ -43,8 +46,9 @@ class Plan:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world_size
 
     def shards_per_worker(self) -> list[int]:
-        n = len(self.spec.train_urls)
-        return [len(range(rank, n, self.world_size)) for rank in range(self.world_size)]
+        """Train shards each worker's loader processes read in the first epoch: the stream's own split,
+        by reader (worker x loader process), so 12 shards on 2 workers x 4 processes are [8, 4]."""
+        return shards_per_rank(self.spec, self.cfg.data, self.world_size, self.cfg.seed)
 
     def describe(self) -> str:
         cfg, spec = self.cfg, self.spec
@@ -60,7 +64,8 @@ class Plan:
             f"{self.params_frozen:,} frozen parameters",
             f"task          {cfg.task.name} {cfg.task.args or ''}"
             + "".join(f"; {engine}: {keys}" for engine, keys in cfg.task.optim.items()),
-            f"precision     {cfg.precision}, ZeRO stage {cfg.zero.stage}"
+            f"precision     {cfg.precision}{AUTO_NOTE if cfg.precision == 'auto' else ''}"
+            f", ZeRO stage {cfg.zero.stage}"
             f"{' + optimizer offload' if cfg.zero.offload_optimizer else ''}"
             f"{' + param offload' if cfg.zero.offload_params else ''}",
             f"optimizer     {cfg.optim.name} lr={cfg.optim.lr:g} wd={cfg.optim.weight_decay:g} "

@@ -3,19 +3,31 @@
 Without `cluster.address`, an in-process Ray cluster is started whose nodes use `cluster.node_ip`
 (default 127.0.0.2): Ray rewrites 127.0.0.1 to the machine's external interface, so a laptop run would
 otherwise send Ray's own traffic off loopback (ENVIRONMENT.md § Ray).
+
+The console shows our own lines (rank 0's start summary and progress, warnings, errors); Ray's
+INFO/WARNING chatter from its actors and workers stays in its log files, copied into RUN_DIR/logs/
+at the end (the driver's own Ray log: RUN_DIR/logs/ray.log). `pipeline train --verbose`
+(PIPELINE_VERBOSE=1) shows it all, as Ray prints it. On a terminal the workers' progress lines come to
+the driver as relay lines (tracking.ProgressRelay) and are drawn as one live bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
+from pipeline import tracking
 from pipeline.data.shards import DataSpec
 from pipeline.launch.plan import TrainingFailed
 from pipeline.train import loop
@@ -30,20 +42,19 @@ def _train_fn(payload: dict[str, Any]) -> None:
     import torch
 
     ctx = ray.train.get_context()
+    if not tracking.verbose():
+        _quiet_worker_console()
     cfg = config_mod.from_dict(payload["config"])
     use_cuda = cfg.cluster.use_gpu and torch.cuda.is_available()
     local_rank = ctx.get_local_rank()
     env = loop.WorkerEnv(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
-        local_rank=local_rank,
         device=f"cuda:{local_rank}" if use_cuda else "cpu",
         run_id=payload["run_id"],
-        extra={
-            "launch_id": payload["launch_id"],
-            "node": ray.util.get_node_ip_address(),
-            "times": payload.get("times", {}),
-        },
+        launch_id=payload["launch_id"],
+        node=ray.util.get_node_ip_address(),
+        startup_marks=payload.get("times", {}),
     )
     final = loop.run(cfg, DataSpec.from_dict(payload["spec"]), env, payload["resume_from"])
     metrics = {k: v for k, v in final.items() if v is not None}
@@ -58,6 +69,28 @@ def _train_fn(payload: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def _quiet_worker_console() -> None:
+    """Ray Train gives a worker's root logger a console handler at INFO, which forwards its own INFO
+    lines ("Reporting training result ..." comes from a logger outside "ray.train", so RunConfig's
+    level misses it); warnings and errors still reach the console, INFO only Ray Train's log files."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+# A C++ log line of a Ray process ("[2026-01-01 12:00:00,000 E 123 456] core_worker.cc:2465: ..."),
+# as forwarded to the driver: Ray's own diagnostics; errors that matter fail the run anyway.
+_RAY_CORE_LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] [\w/.-]+\.(cc|h):\d+:")
+
+
+def _divert_ray_core_line(line: str) -> bool:
+    """Quiet mode: Ray's C++ log lines go to RUN_DIR/logs/ray.log, not the console."""
+    if _RAY_CORE_LOG_LINE.match(line.lstrip()) is None:
+        return False
+    logging.getLogger("ray").info("%s", line)
+    return True
+
+
 def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -67,6 +100,9 @@ def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
         # (what Ray's job supervisor sets for itself, the same way) ResNet-18 stepped ~3% faster
         # on 2 cores; the rest of the Ray gap there is the CPU its helper actors take (RESULTS.md).
         "RAY_worker_niceness": str(cfg.cluster.worker_niceness),
+        # Ray Train sends every print() of a worker through a logger as well, and tees it to stdout
+        # when W&B has wrapped sys.stdout: each line of ours came out twice (the start summary).
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -77,10 +113,48 @@ def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
         "WANDB_ENTITY",
         "GLOO_SOCKET_IFNAME",
         "PIPELINE_FAULTS",
+        tracking.VERBOSE_ENV,
     ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def _driver_ray_log(run_dir: Path, verbose: bool) -> logging.Handler:
+    """The driver's "ray" logger: everything into RUN_DIR/logs/ray.log; on the console only errors
+    (everything with --verbose)."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    if not verbose:
+        for old in ray_logger.handlers[:]:
+            old.setLevel(logging.ERROR)
+    ray_logger.setLevel(logging.INFO)
+    ray_logger.addHandler(handler)
+    return handler
+
+
+def _session_logs_dir() -> Path | None:
+    """The log dir of the Ray session this process started (None when it joined a cluster)."""
+    import ray
+
+    try:  # no public API for it; the files are what `ray logs` reads
+        return Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except AttributeError:
+        return None
+
+
+def _keep_session_logs(logs: Path | None, run_dir: Path) -> None:
+    """Copy the in-process cluster's log dir (every Ray process's and worker's stdout/stderr, Ray
+    Train's controller and worker logs) into RUN_DIR/logs/ray-<session>/: the run keeps what the
+    console no longer shows, and /tmp/ray does not outlive a reboot."""
+    if logs is None:
+        return
+    try:
+        shutil.copytree(logs, run_dir / "logs" / f"ray-{logs.parent.name}", dirs_exist_ok=True)
+    except (OSError, shutil.Error) as e:  # best effort: a run never fails over its logs
+        print(f"warning: Ray's logs stay in {logs} (not copied into the run dir: {e})", file=sys.stderr)
 
 
 def run(payload: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +165,11 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
 
     cfg = config_mod.from_dict(payload["config"])
     cluster = cfg.cluster
-    runtime_env = {"env_vars": _worker_env_vars(cfg)}
+    verbose = tracking.verbose()
+    # A worker's stdout is a file that Ray forwards line by line; on a terminal, rank 0 sends relay
+    # lines and this process draws them as one live bar (ProgressRelay below).
+    progress = os.environ.get(tracking.PROGRESS_ENV) or ("relay" if sys.stdout.isatty() else "plain")
+    runtime_env = {"env_vars": _worker_env_vars(cfg) | {tracking.PROGRESS_ENV: progress}}
     if cluster.address:
         init_kwargs: dict[str, Any] = {"address": cluster.address, "runtime_env": runtime_env}
         if cluster.node_ip:
@@ -108,8 +186,20 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
             "include_dashboard": False,
             "runtime_env": runtime_env,
         }
+    if not verbose:
+        # ERROR for the "ray" and root loggers of every process of this job (the Train controller, the
+        # PlacementGroupCleaner that warns every few seconds without the dashboard's State API, the
+        # workers); Ray Train's own logger gets RunConfig's level below. It also drops the
+        # "(RayTrainWorker pid=...)" prefix from forwarded lines.
+        init_kwargs["logging_config"] = ray.LoggingConfig(log_level="ERROR")
+    root = logging.getLogger()
+    root_state = root.level, root.handlers[:]
     ours = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     ray.init(**init_kwargs, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    root.setLevel(root_state[0])  # the LoggingConfig is for Ray's processes, not for this one's root
+    root.handlers[:] = root_state[1]
+    log_handler = _driver_ray_log(cfg.resolved_run_dir, verbose)
+    session_logs = None if cluster.address else _session_logs_dir()
     # ray.init installs a C++ handler that dies on SIGTERM; put back ours, which asks the workers to
     # commit a checkpoint and stop (exit 75).
     for sig, handler in ours.items():
@@ -132,10 +222,18 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
                 name=cfg.name,
                 storage_path=str(cfg.resolved_run_dir / "ray"),
                 failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+                # "Reporting training result ...", "Setting up process group ...": INFO
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             ),
         )
+        # Ray prints the workers' lines to this process's stdout/stderr: through the relay, which
+        # draws the live bar on a terminal and (quiet) keeps Ray's C++ log lines off the console.
+        relay = tracking.ProgressRelay(
+            live=progress == "relay", divert=None if verbose else _divert_ray_core_line
+        )
         try:
-            result = trainer.fit()
+            with relay if progress == "relay" or not verbose else contextlib.nullcontext():
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise TrainingFailed(str(e)) from e
         if result.error is not None:
@@ -143,6 +241,9 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         return dict(result.metrics or {})
     finally:
         ray.shutdown()
+        logging.getLogger("ray").removeHandler(log_handler)
+        log_handler.close()
+        _keep_session_logs(session_logs, cfg.resolved_run_dir)
 
 
 # --- `pipeline submit ray`: the Ray Job Submission API ---------------------------------------------

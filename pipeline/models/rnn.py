@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.tensors import as_sequence
+
 CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 OUTPUTS = ("last", "sequence")
 
@@ -31,18 +33,6 @@ def feature_size(input_shape: tuple[int, ...]) -> int:
     if len(input_shape) == 1:
         return 1
     raise ValueError(f"input_shape must be (C, H, W), (T, F) or (T,), got {input_shape}")
-
-
-def as_sequence(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H, C*W); (N, T, F) unchanged; (N, T) -> (N, T, 1)."""
-    if x.ndim == 4:
-        n, c, h, w = x.shape
-        return x.permute(0, 2, 1, 3).reshape(n, h, c * w)
-    if x.ndim == 3:
-        return x
-    if x.ndim == 2:
-        return x.unsqueeze(-1)
-    raise ValueError(f"expected a (N, C, H, W), (N, T, F) or (N, T) batch, got shape {tuple(x.shape)}")
 
 
 class RecurrentNet(nn.Module):

@@ -1,18 +1,5 @@
-"""Tasks: how a batch becomes losses, updates and metrics (pure torch; no DeepSpeed, no collectives).
-
-A task is given its engines by name (anything callable like the module, with `backward`, `step` and
-`module`), and an `agree(loss) -> bool` callable from the loop: a collective that every rank calls
-once per backward, true when the loss is finite on every rank (`single_update` calls it, before
-backward or overlapped with it, see there). A task calls it the same number of times on every rank
-(its decisions are agreed), so collectives stay in step; when it returns false the task returns at
-once with `skipped=True` and no further update.
-
-    task.split(model)            -> {engine name: module}    each becomes one DeepSpeed engine
-    task.train_step(engines, x, y, step, agree) -> (losses, skipped)
-    task.eval_sums(engines, x, y) -> 1-D tensor of sums (all-reduced over batches and ranks)
-    task.eval_metrics(sums)      -> {"eval/...": float}
-    task.grid(engines, fixed_x)  -> images to show (N, C, H, W) in the data's normalised space, or None
-"""
+"""Tasks: how a batch becomes losses, updates and metrics (pure torch; no DeepSpeed, no collectives
+of their own). The protocol is `pipeline.tasks.base` (`Task`, `Step`); this module is the registry."""
 
 from __future__ import annotations
 

@@ -1,8 +1,26 @@
-"""The task interface (see tasks/__init__.py) and the single-engine default parts."""
+"""The task protocol: how a batch becomes losses, updates and metrics (pure torch; no DeepSpeed).
+
+A task is a `Task` subclass. Per micro-batch the loop calls `task.train_step(step)` with a `Step`:
+the batch (`step.x`, `step.y`), the optimizer step number (`step.number`), the models by engine name
+(`step.models`: call one for its forward, `.module` is the plain `nn.Module`) and one way to change
+weights, `step.update(name, loss)`. `update` is where every rank agrees (one tiny all-reduce) that
+the loss is finite everywhere before anything changes: a rank that stepped alone would deadlock ZeRO's
+collectives. The models offer no backward or step of their own, so a task cannot update without that
+agreement; when `update` returns False the step is skipped on every rank and the task should return
+at once. A task that calls `update` the same number of times on every rank (its decisions depend on
+agreed values only) keeps every collective in step.
+
+    task.split(model)                 -> {engine name: module}; each becomes one DeepSpeed engine
+    task.train_step(step)             -> {loss name: scalar tensor} ("loss" is the main one)
+    task.eval_sums(models, x, y)      -> 1-D tensor of sums (all-reduced over batches and ranks)
+    task.eval_metrics(sums)           -> {"eval/...": float}
+    task.grid(models, fixed_x)        -> images to show (N, C, H, W) in the data's normalised space, or None
+    task.sample_images(models, z_rng, count) -> generated images (N, C, H, W), or None (no generator)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -10,15 +28,94 @@ from torch import nn
 
 
 class Agree(Protocol):
-    """The loop's per-backward collective (see tasks/__init__.py)."""
-
-    def __call__(self, loss: torch.Tensor) -> bool:
-        """Blocking: true when `loss` is finite on every rank (and no fault says otherwise)."""
-        ...
+    """The loop's per-update collective: every rank calls it once per `Step.update`."""
 
     def start(self, loss: torch.Tensor) -> Callable[[], bool]:
-        """The same agreement started in the background: call the result for the answer."""
+        """Start the agreement on `loss` (an all-reduce in the background); call the result for the
+        answer: True when the loss is finite on every rank (and no injected fault says otherwise)."""
         ...
+
+
+class Updatable(Protocol):
+    """What `Step.update` needs of an engine (pipeline.engine.Engine)."""
+
+    module: nn.Module
+    can_discard_grads: bool
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def discard_grads(self) -> None: ...
+
+
+class Model:
+    """A forward-only view of an engine for task code: call it, or read `.module`."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine(*args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self._engine, "module", self._engine)
+
+
+def forward_only(engines: Mapping[str, Any]) -> dict[str, Model]:
+    return {name: Model(engine) for name, engine in engines.items()}
+
+
+class Step:
+    """One micro-batch as a task's `train_step` sees it (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        number: int,
+        engines: Mapping[str, Any],
+        agree: Agree,
+        skipped: bool = False,
+    ) -> None:
+        self.x, self.y, self.number = x, y, number
+        self.models = forward_only(engines)
+        self._engines = engines
+        self._agree = agree
+        # True once the ranks agreed to skip this step (a non-finite loss); given True for the later
+        # micro-batches of a skipped step, whose updates then agree but change nothing
+        self.skipped = skipped
+        self.updates = 0  # how many agreements this micro-batch reached (the loop checks >= 1)
+
+    def update(self, engine: str, loss: torch.Tensor) -> bool:
+        """Backward + step of `engine` if every rank's loss is finite; False (and `skipped`) if not.
+
+        Where the engine can throw a backward's gradients away (`can_discard_grads`: ZeRO-0 without
+        accumulation) the agreement's all-reduce runs during backward and a skip discards the
+        gradients: a blocking all-reduce before backward would be a second lock-step point per step,
+        and waiting there cost 2-3.6 ms of a 50-60 ms CNN step on 2 cores. Elsewhere (ZeRO-1/2/3 keep
+        reduced gradient partitions inside DeepSpeed; with accumulation the other micro-batches'
+        gradients are kept) it is agreed before backward."""
+        target = self._engines[engine]
+        self.updates += 1
+        if self.skipped:  # an earlier update of this step was skipped: agree again, change nothing
+            self._agree.start(loss)()
+            return False
+        if target.can_discard_grads:
+            agreed = self._agree.start(loss)
+            target.backward(loss)  # every rank runs it (a non-finite loss too): collectives stay matched
+            if not agreed():
+                target.discard_grads()
+                self.skipped = True
+                return False
+        else:
+            if not self._agree.start(loss)():
+                self.skipped = True
+                return False
+            target.backward(loss)
+        target.step()  # DeepSpeed updates on the gradient-accumulation boundary only
+        return True
 
 
 class Task:
@@ -43,46 +140,28 @@ class Task:
     def split(self, model: nn.Module) -> dict[str, nn.Module]:
         return {"model": model}
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def eval_dummy(self, engines: dict[str, Any], x: torch.Tensor) -> None:
+    def eval_dummy(self, models: Mapping[str, Model], x: torch.Tensor) -> None:
         """A forward that every engine's parameters take part in (a rank without val data runs it so
         ZeRO-3's parameter all-gathers stay matched across ranks)."""
         with torch.no_grad():
-            for engine in engines.values():
-                engine(x)
+            for model in models.values():
+                model(x)
 
     def eval_metrics(self, sums: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
 
-    def grid(self, engines: dict[str, Any], fixed_x: torch.Tensor) -> torch.Tensor | None:
+    def grid(self, models: Mapping[str, Model], fixed_x: torch.Tensor) -> torch.Tensor | None:
         return None
 
-
-def single_update(engine: Any, loss: torch.Tensor, agree: Agree) -> bool:
-    """Backward + step of one engine if every rank's loss is finite; False if skipped (no update).
-
-    Where the engine can throw a backward's gradients away (`can_discard_grads`: ZeRO-0 without
-    accumulation) the agreement's all-reduce runs during backward and a skip discards the gradients:
-    a blocking all-reduce before backward would be a second lock-step point per step, and waiting
-    there cost 2-3.6 ms of a 50-60 ms CNN step on 2 cores. Elsewhere (ZeRO-1/2/3 keep reduced gradient
-    partitions inside DeepSpeed; with accumulation the other micro-batches' gradients are kept) it
-    is agreed before backward."""
-    if getattr(engine, "can_discard_grads", False):
-        agreed = agree.start(loss)
-        engine.backward(loss)  # every rank runs it (a non-finite loss too): the collectives stay matched
-        if not agreed():
-            engine.discard_grads()
-            return False
-    else:
-        if not agree(loss):
-            return False
-        engine.backward(loss)
-    engine.step()  # DeepSpeed updates on the gradient-accumulation boundary only
-    return True
+    def sample_images(
+        self, models: Mapping[str, Model], count: int, rng: torch.Generator
+    ) -> torch.Tensor | None:
+        """`count` generated images in the data's normalised space (for scores of generative models
+        such as `task.score_classifier`'s), drawing noise from `rng` only; None: not a generator."""
+        return None

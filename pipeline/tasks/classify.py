@@ -6,12 +6,12 @@ Nothing here calls `.item()`: no host-device sync per step (the loop syncs when 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.tasks.base import Agree, Task, single_update
+from pipeline.tasks.base import Model, Step, Task
 
 
 class ClassifyTask(Task):
@@ -24,18 +24,16 @@ class ClassifyTask(Task):
         self.top_k = top_k
         self.label_smoothing = label_smoothing
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        logits = engines["model"](x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        done = single_update(engines["model"], loss, agree)
-        return {"loss": loss.detach()}, not done
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        logits = step.models["model"](step.x)
+        loss = F.cross_entropy(logits.float(), step.y, label_smoothing=self.label_smoothing)
+        step.update("model", loss)
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[sum of losses, correct, correct in top k, samples] for one batch."""
-        logits = engines["model"](x).float()
+        logits = models["model"](x).float()
         k = min(self.top_k, logits.shape[1])
         in_top_k = (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1)
         return torch.stack(

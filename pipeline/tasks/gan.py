@@ -7,18 +7,18 @@ One step: D learns real -> 1, G(z) -> 0; then G learns to make D say 1 (the non-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tasks.base import Agree, Task, single_update
+from pipeline.tasks.base import Model, Step, Task
 
 
 def latent_dim_of(generator: Any) -> int:
-    module = getattr(generator, "module", generator)
-    return int(module.latent_dim)
+    return int(getattr(generator, "module", generator).latent_dim)
 
 
 class GanTask(Task):
@@ -43,10 +43,8 @@ class GanTask(Task):
     def split(self, model: nn.Module) -> dict[str, nn.Module]:
         return {"generator": model.generator, "discriminator": model.discriminator}
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        g, d = engines["generator"], engines["discriminator"]
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        g, d, x = step.models["generator"], step.models["discriminator"], step.x
         z = torch.randn(len(x), latent_dim_of(g), device=x.device)
         fake = g(z)
         real_target = torch.full((len(x),), self.real_label, device=x.device)
@@ -54,15 +52,15 @@ class GanTask(Task):
             d(x).float(), real_target
         ) + F.binary_cross_entropy_with_logits(d(fake.detach()).float(), torch.zeros_like(real_target))
         losses = {"loss": d_loss.detach(), "d_loss": d_loss.detach()}
-        if not single_update(d, d_loss, agree):
-            return losses, True
+        if not step.update("discriminator", d_loss):
+            return losses
         # D's parameters are frozen for G's update: its engine must neither compute nor reduce their
         # gradients (under ZeRO-2 a second reduction in one step fails: "has already been reduced").
         # G's loss goes through D's plain module, not D's engine: the engine hooks its outputs and
         # takes a backward reaching them for a backward of its own (ZeRO-0 refuses it outright).
         # ZeRO-3 still gathers D's parameters: its hooks sit on the submodules. fp32 input: outside
         # D's engine there is no autocast, and D's weights are fp32 masters.
-        d_module = getattr(d, "module", d)
+        d_module = d.module
         trainable = [p for p in d_module.parameters() if p.requires_grad]
         for p in trainable:
             p.requires_grad_(False)
@@ -71,17 +69,16 @@ class GanTask(Task):
                 d_module(fake.float()).float(), torch.ones_like(real_target)
             )
             losses |= {"loss": d_loss.detach() + g_loss.detach(), "g_loss": g_loss.detach()}
-            if not single_update(g, g_loss, agree):
-                return losses, True
+            step.update("generator", g_loss)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        return losses, False
+        return losses
 
     @torch.no_grad()
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[D's loss on real val images (sum), real images D calls real, samples]."""
-        logits = engines["discriminator"](x).float()
+        logits = models["discriminator"](x).float()
         return torch.stack(
             [
                 F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="sum"),
@@ -95,20 +92,23 @@ class GanTask(Task):
         n = max(count, 1.0)
         return {"eval/d_real_loss": loss / n, "eval/d_real_accuracy": real / n, "eval/samples": int(count)}
 
-    def eval_dummy(self, engines: dict[str, Any], x: torch.Tensor) -> None:
+    def eval_dummy(self, models: Mapping[str, Model], x: torch.Tensor) -> None:
         with torch.no_grad():
-            engines["discriminator"](x)
-            engines["generator"](torch.zeros(1, latent_dim_of(engines["generator"]), device=x.device))
+            models["discriminator"](x)
+            models["generator"](torch.zeros(1, latent_dim_of(models["generator"]), device=x.device))
 
-    def fixed_noise(self, engines: dict[str, Any], device: Any) -> torch.Tensor:
-        # A generator of its own: the fixed noise never draws from (and so never shifts) the global
-        # RNG, which a resumed run must continue exactly.
-        generator = torch.Generator().manual_seed(1234)
-        return torch.randn(self.grid_size, latent_dim_of(engines["generator"]), generator=generator).to(
-            device
+    @torch.no_grad()
+    def grid(self, models: Mapping[str, Model], fixed_x: torch.Tensor) -> torch.Tensor:
+        """Samples from the same fixed noise at every eval step. A generator of its own: the fixed
+        noise never draws from (and so never shifts) the global RNG, which a resumed run must continue
+        exactly."""
+        return self.sample_images(models, self.grid_size, torch.Generator().manual_seed(1234)).to(
+            fixed_x.device
         )
 
     @torch.no_grad()
-    def grid(self, engines: dict[str, Any], fixed_x: torch.Tensor) -> torch.Tensor:
-        """Samples from the same fixed noise at every eval step."""
-        return engines["generator"](self.fixed_noise(engines, fixed_x.device)).float()
+    def sample_images(self, models: Mapping[str, Model], count: int, rng: torch.Generator) -> torch.Tensor:
+        g = models["generator"]
+        device = next(g.module.parameters()).device
+        z = torch.randn(max(count, 1), latent_dim_of(g), generator=rng).to(device)
+        return g(z).float()[:count]

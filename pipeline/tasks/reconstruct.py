@@ -3,12 +3,12 @@ linear KL warmup). Reconstructions are compared in the data's normalised space; 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.tasks.base import Agree, Task, single_update
+from pipeline.tasks.base import Model, Step, Task
 
 
 class AutoencoderTask(Task):
@@ -26,17 +26,15 @@ class AutoencoderTask(Task):
     def _corrupt(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.noise_std * torch.randn_like(x) if self.noise_std else x
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        loss = F.mse_loss(engines["model"](self._corrupt(x)).float(), x.float())
-        done = single_update(engines["model"], loss, agree)
-        return {"loss": loss.detach()}, not done
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        loss = F.mse_loss(step.models["model"](self._corrupt(step.x)).float(), step.x.float())
+        step.update("model", loss)
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[sum of squared errors, values, samples]: the val reconstruction of clean inputs."""
-        x_hat = engines["model"](x).float()
+        x_hat = models["model"](x).float()
         return torch.stack(
             [((x_hat - x.float()) ** 2).sum(), torch.tensor(float(x.numel())), torch.tensor(float(len(x)))]
         ).to(x.device)
@@ -46,9 +44,9 @@ class AutoencoderTask(Task):
         return {"eval/recon_mse": sq / max(values, 1.0), "eval/samples": int(count)}
 
     @torch.no_grad()
-    def grid(self, engines: dict[str, Any], fixed_x: torch.Tensor) -> torch.Tensor:
+    def grid(self, models: Mapping[str, Model], fixed_x: torch.Tensor) -> torch.Tensor:
         """The fixed val inputs above their reconstructions."""
-        out = engines["model"](fixed_x)
+        out = models["model"](fixed_x)
         out = out[0] if isinstance(out, tuple) else out
         return torch.cat([fixed_x, out.float()])
 
@@ -76,21 +74,19 @@ class VaeTask(AutoencoderTask):
         """Per-sample KL(N(mu, exp(logvar)) || N(0, I))."""
         return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        x_hat, mu, logvar = engines["model"](x)
-        recon = ((x_hat.float() - x.float()) ** 2).flatten(1).sum(dim=1).mean()
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        x_hat, mu, logvar = step.models["model"](step.x)
+        recon = ((x_hat.float() - step.x.float()) ** 2).flatten(1).sum(dim=1).mean()
         kl = self._kl(mu.float(), logvar.float()).mean()
-        loss = recon + self.kl_weight(step) * kl
-        done = single_update(engines["model"], loss, agree)
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}, not done
+        loss = recon + self.kl_weight(step.number) * kl
+        step.update("model", loss)
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[sum of squared errors, values, samples, sum of KL]. In eval mode the VAE decodes z = mu, so
         the val error is deterministic."""
-        x_hat, mu, logvar = engines["model"](x)
+        x_hat, mu, logvar = models["model"](x)
         return torch.stack(
             [
                 ((x_hat.float() - x.float()) ** 2).sum(),

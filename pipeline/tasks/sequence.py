@@ -7,19 +7,13 @@ a prediction per time step (`model.args.output: sequence` for lstm/gru). Labels 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from pipeline.tasks.base import Agree, Task, single_update
-
-
-def as_sequence(x: torch.Tensor) -> torch.Tensor:
-    """(N, T, F) view of a batch: images by rows, 1-D series with one feature."""
-    if x.dim() == 4:
-        n, c, h, w = x.shape
-        return x.permute(0, 2, 1, 3).reshape(n, h, c * w)
-    return x.unsqueeze(-1) if x.dim() == 2 else x
+from pipeline.tasks.base import Model, Step, Task
+from pipeline.tensors import as_sequence
 
 
 class NextStepTask(Task):
@@ -40,16 +34,14 @@ class NextStepTask(Task):
             )
         return (predicted[:, :-1] - target[:, 1:]) ** 2
 
-    def train_step(
-        self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor, step: int, agree: Agree
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        loss = self._errors(engines["model"], x).mean()
-        done = single_update(engines["model"], loss, agree)
-        return {"loss": loss.detach()}, not done
+    def train_step(self, step: Step) -> dict[str, torch.Tensor]:
+        loss = self._errors(step.models["model"], step.x).mean()
+        step.update("model", loss)
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, engines: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        errors = self._errors(engines["model"], x)
+    def eval_sums(self, models: Mapping[str, Model], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        errors = self._errors(models["model"], x)
         return torch.stack(
             [
                 errors.sum(),

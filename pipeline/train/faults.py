@@ -2,7 +2,8 @@
 
     PIPELINE_FAULTS="kill@7:1,nan@12,crash_in_save@20,enospc@30"
 
-Each entry is KIND@STEP[:RANK] (RANK defaults to 0):
+Each entry is KIND@STEP[.MICRO][:RANK] (RANK defaults to 0; MICRO, for nan only, picks one
+micro-batch of a step with train.grad_accum > 1, counted from 0; without it every micro-batch):
     kill           SIGKILL this worker process at the start of step STEP (once per run dir)
     hang           stop this worker at the start of step STEP (sleeps): the others' collectives time out
     nan            make the loss of step STEP non-finite (every time the step is reached)
@@ -30,18 +31,26 @@ class Fault:
     kind: str
     step: int
     rank: int
+    micro: int | None = None
 
 
 def parse(text: str) -> list[Fault]:
     faults = []
     for entry in filter(None, (e.strip() for e in text.split(","))):
         kind, _, where = entry.partition("@")
-        step, _, rank = where.partition(":")
-        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+        where, _, rank = where.partition(":")
+        step, _, micro = where.partition(".")
+        if (
+            kind not in KINDS
+            or not step.isdigit()
+            or (rank and not rank.isdigit())
+            or (micro and (not micro.isdigit() or kind != "nan"))
+        ):
             raise ValueError(
-                f"PIPELINE_FAULTS entry {entry!r}: expected KIND@STEP[:RANK], KIND in {sorted(KINDS)}"
+                f"PIPELINE_FAULTS entry {entry!r}: expected KIND@STEP[.MICRO][:RANK], KIND in "
+                f"{sorted(KINDS)} (MICRO for nan only)"
             )
-        faults.append(Fault(kind, int(step), int(rank or 0)))
+        faults.append(Fault(kind, int(step), int(rank or 0), int(micro) if micro else None))
     return faults
 
 
@@ -51,9 +60,9 @@ class Faults:
         self.marker_dir = run_dir / ".faults"
         self.faults = [f for f in parse(os.environ.get("PIPELINE_FAULTS", "")) if f.rank == rank]
 
-    def _fires(self, kind: str, step: int) -> bool:
+    def _fires(self, kind: str, step: int, micro: int = 0) -> bool:
         for fault in self.faults:
-            if fault.kind == kind and fault.step == step:
+            if fault.kind == kind and fault.step == step and fault.micro in (None, micro):
                 if kind not in ONCE:
                     return True
                 marker = self.marker_dir / f"{kind}-{step}-{self.rank}"
@@ -70,8 +79,8 @@ class Faults:
         if self._fires("hang", step):
             time.sleep(24 * 3600)
 
-    def nan_loss(self, step: int) -> bool:
-        return self._fires("nan", step)
+    def nan_loss(self, step: int, micro: int = 0) -> bool:
+        return self._fires("nan", step, micro)
 
     def in_save(self, step: int) -> None:
         """Called by rank `rank` after its part of the checkpoint is written, before the commit."""

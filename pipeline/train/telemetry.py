@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.shards import DataSpec
-from pipeline.train import distributed as dist
+from pipeline.train import collectives
 
 
 def optimizer_metrics(engines: dict[str, Any], main: str) -> dict[str, float]:
@@ -43,7 +43,7 @@ def peak_memory_mb(device: str) -> dict[str, float]:
     peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
     if device.startswith("cuda"):
         peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
-    reduced = dist.all_reduce(torch.tensor(peaks, dtype=torch.float64, device=device), "max").tolist()
+    reduced = collectives.all_reduce(torch.tensor(peaks, dtype=torch.float64, device=device), "max").tolist()
     names = ["sys/peak_rss_mb", "sys/peak_gpu_mem_mb"]
     return dict(zip(names, reduced, strict=False))
 
@@ -67,12 +67,13 @@ def _device_name(device: str) -> str:
 
 
 def start_summary(
+    *,
     cfg: Config,
     spec: DataSpec,
     engines: dict[str, Any],
     batches: Any,
     device: str,
-    step: int,
+    resume_step: int | None,
     resume_from: str | None,
     wandb_location: str,
     node: str | None = None,
@@ -80,7 +81,7 @@ def start_summary(
     """Collective (one gather): what a user checks before trusting a run's first step. `node` names
     this worker's node (Ray's node IP; default: the host name)."""
     shards, samples = batches.assignment()
-    ranks = dist.gather_objects(
+    ranks = collectives.gather_objects(
         {
             "node": node or socket.gethostname(),
             "niceness": os.nice(0),  # Ray's default for workers is 15 (cluster.worker_niceness)
@@ -93,7 +94,7 @@ def start_summary(
     offload = {"optimizer": cfg.zero.offload_optimizer, "params": cfg.zero.offload_params}
     return {
         "world_size": len(ranks),
-        "backend": dist.backend(),
+        "backend": collectives.backend(),
         "nodes": [r["node"] for r in ranks],
         "niceness": [r["niceness"] for r in ranks],
         "devices": [r["device"] for r in ranks],
@@ -106,7 +107,7 @@ def start_summary(
         "train_samples": spec.train_samples,
         "shards_per_rank": [r["shards"] for r in ranks],
         "samples_per_rank": [r["samples"] for r in ranks],
-        "resume_step": step if resume_from else None,
+        "resume_step": resume_step,
         "resume_from": resume_from,
         "run_dir": str(cfg.resolved_run_dir),
         "wandb": wandb_location,
@@ -127,8 +128,8 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
         f"run {name} (id {run_id}): {start}",
         f"  workers    {s['world_size']} on {len(nodes)} node(s) {', '.join(nodes)}; "
         f"backend {s['backend']}; {', '.join(devices)}",
-        f"  math       {s['precision']}, ZeRO stage {s['zero_stage']}"
-        + (f", offload {'+'.join(s['offload'])}" if s["offload"] else ""),
+        f"  math       {s['precision']} ({s.get('precision_reason', 'set in the config')}), "
+        f"ZeRO stage {s['zero_stage']}" + (f", offload {'+'.join(s['offload'])}" if s["offload"] else ""),
         f"  params     {s['params_trainable']:,} trainable, {s['params_frozen']:,} frozen",
         f"  data       {s['train_shards']} train shards, {s['train_samples']:,} samples; per worker "
         f"{spread(s['shards_per_rank'])} shards, {spread(s['samples_per_rank'])} samples this epoch",

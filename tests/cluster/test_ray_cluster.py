@@ -6,7 +6,6 @@ last checkpoint, not the run."""
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from pipeline.net import free_port
 from tests.helpers import REPO, read_jsonl, run_cli
 
 pytestmark = pytest.mark.cluster
@@ -21,19 +21,13 @@ pytestmark = pytest.mark.cluster
 SCRIPT = REPO / "cluster" / "local-2node.sh"
 
 
-def free_port(host="127.0.0.2"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {
         **os.environ,
         "PIPELINE_RAY_STATE": str(tmp_path_factory.mktemp("ray-2node")),
-        "RAY_HEAD_PORT": str(free_port()),
-        "RAY_DASHBOARD_PORT": str(free_port()),
+        "RAY_HEAD_PORT": str(free_port("127.0.0.2")),
+        "RAY_DASHBOARD_PORT": str(free_port("127.0.0.2")),
     }
     subprocess.run([str(SCRIPT), "start"], env=env, check=True, timeout=300)
     yield {"env": env, "address": f"http://127.0.0.2:{env['RAY_DASHBOARD_PORT']}"}

@@ -92,6 +92,39 @@ def test_zero0_discards_a_skipped_steps_gradients_and_clips_like_zero2(digits_di
     assert worst < 1e-5, f"ZeRO-0 and ZeRO-2 weights after a skipped step differ by {worst}"
 
 
+def deepspeed_counters(ckpt):
+    """DeepSpeed's own step counters as its checkpoint of the model engine recorded them."""
+    # ZeRO-0/1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt
+    states = sorted((ckpt / "engines" / "model").glob("*/*mp_rank_00_model_states.pt"))[0]
+    saved = torch.load(states, map_location="cpu", weights_only=False)  # written by this test's run
+    return saved["global_steps"], saved["skipped_steps"]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_nan_micro_batch_under_accumulation_skips_its_whole_step(digits_dir, tmp_path, monkeypatch, stage):
+    """train.grad_accum=2, the second micro-batch of step 5 is non-finite on rank 0. The step is skipped
+    whole: the weights end equal to a run whose whole step 5 was non-finite, and DeepSpeed's update
+    count is the loop's step count less the skipped step. (Before: the first micro-batch's gradient
+    stayed, DeepSpeed's micro-step counter fell one behind, and every later update straddled two
+    loop steps.)"""
+    weights = {}
+    for name, fault in (("micro", "nan@5.1"), ("whole", "nan@5")):
+        monkeypatch.setenv("PIPELINE_FAULTS", fault)
+        run_dir = tmp_path / name
+        extra = ("train.max_steps=8", "train.grad_accum=2", f"zero.stage={stage}", "optim.name=sgd")
+        final = launch.train(make_plan(cfg_for(digits_dir, run_dir, *extra)))
+        (skip,) = events(run_dir, "nonfinite")
+        assert skip["step"] == 5 and final["step"] == 8
+        assert skip["weights"][1] > 0  # the checksum reads the weights (ZeRO-3 read none before)
+        last = commit.committed(run_dir / "checkpoints")[-1]
+        assert deepspeed_counters(last) == (7, 0)  # 8 loop steps, one skipped, none straddled
+        weights[name] = export.consolidated_state_dict(last)
+    floats = [k for k, t in weights["whole"].items() if t.is_floating_point()]
+    worst = max((weights["micro"][k] - weights["whole"][k]).abs().max().item() for k in floats)
+    assert worst == 0.0, f"a micro-batch skip and a whole-step skip end {worst} apart"
+
+
 @pytest.mark.timeout(300)
 def test_disk_full_keeps_the_previous_checkpoint_and_goes_on(digits_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULTS", "enospc@8")

@@ -127,6 +127,11 @@ def test_killed_driver_rerun_resumes_with_one_wandb_run(digits_dir, tmp_path):
     proc.wait()
     rerun = run_cli(*args, env={"WANDB_MODE": "offline"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # the console: the start summary and the W&B sync hint once each (Ray Train's print patch doubled
+    # every print while W&B wrapped stdout), none of W&B's own output
+    assert rerun.stdout.count("): resuming after step") == 1
+    assert rerun.stdout.count("W&B offline run saved") == 1
+    assert "wandb:" not in rerun.stdout + rerun.stderr
 
     events = read_jsonl(run_dir / "events.jsonl")
     starts = [e for e in events if e["event"] == "start"]

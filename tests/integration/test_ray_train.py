@@ -29,6 +29,13 @@ def test_smoke_recipe_on_ray_then_export(digits_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     accuracy = final_accuracy(proc.stdout)
     assert accuracy >= 0.95
+    # A quiet console: our lines, once; Ray's chatter only in the run dir's logs.
+    console = proc.stdout + proc.stderr
+    assert console.count("): fresh start") == 1  # the start summary
+    assert "step 25/300 | loss" in proc.stdout and "| ETA --" in proc.stdout  # plain lines off a terminal
+    for chatter in ("PlacementGroupCleaner", "Reporting training result", "TrainController", "core_worker"):
+        assert chatter not in console
+    assert (run_dir / "logs" / "ray.log").is_file() and list((run_dir / "logs").glob("ray-session_*"))
 
     # The run dir: resolved config, metrics and events, one verified checkpoint at the last step.
     assert config.load(run_dir / "config.yaml").zero.stage == 2

@@ -90,3 +90,14 @@ def test_who_clips_and_when_the_gradient_norm_is_computed():
     assert "compute_grad_norm" not in ds(2, clip)["zero_optimization"]
     assert "compute_grad_norm" not in ds(3, plain)["zero_optimization"]
     assert "compute_grad_norm" not in ds(2, plain, offload_optimizer=True)["zero_optimization"]
+
+
+def test_fp16_engines_get_half_inputs_and_give_fp32_outputs():
+    """DeepSpeed's fp16 casts the module to half but not its inputs (a conv then fails on the GPU)."""
+    from pipeline.engine import _cast_floating
+
+    x, labels = torch.ones(2, 3), torch.tensor([1, 2])
+    cast = _cast_floating({"x": [x, labels], "t": (x,), "n": 3}, torch.half)
+    assert cast["x"][0].dtype == torch.half and cast["x"][1].dtype == torch.long
+    assert cast["t"][0].dtype == torch.half and cast["n"] == 3
+    assert _cast_floating((x.half(), labels), torch.float32)[0].dtype == torch.float32

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from pipeline.checkpoint import commit
 from pipeline.checkpoint.remote import RemoteStore, is_remote
 from pipeline.files import sha256_file
+from pipeline.net import free_port
 
 
 @pytest.fixture
@@ -178,9 +178,7 @@ def test_missing_bucket_or_endpoint_names_storage_options(options, tmp_path) -> 
         with pytest.raises(commit.CheckpointError, match=r"no-such-bucket-here.*checkpoint\.storage_options"):
             call()
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     # one attempt: botocore's retries would spend seconds on a refused connection
     fast = {"retries": {"max_attempts": 1}, "connect_timeout": 1}
     unreachable = {**options, "endpoint_url": f"http://127.0.0.1:{port}", "config_kwargs": fast}

@@ -7,11 +7,13 @@ import tarfile
 import pytest
 import torch
 
+from pipeline import config
 from pipeline.config import DataConfig
 from pipeline.data import cursor as cur
 from pipeline.data import shards, stream
 from pipeline.data.shards import DataError
 from pipeline.data.transforms import normalize
+from pipeline.launch.plan import make_plan
 
 
 def take(spec, cfg, world, steps, cursor=None):
@@ -33,12 +35,13 @@ def keys_of_epoch(trace, epoch):
     ]
 
 
+def shard_keys(url):
+    with tarfile.open(url) as tar:
+        return [m.name.split(".")[0] for m in tar if m.name.endswith(".cls")]
+
+
 def all_train_keys(spec):
-    keys = []
-    for url in spec.train_urls:
-        with tarfile.open(url) as tar:
-            keys += [m.name.split(".")[0] for m in tar if m.name.endswith(".cls")]
-    return keys
+    return [k for url in spec.train_urls for k in shard_keys(url)]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -99,6 +102,48 @@ def test_too_few_shards_fails_with_the_number_needed(digits_dir):
     with pytest.raises(DataError, match=r"12 shard\(s\).*need at least 16.*--samples-per-shard"):
         stream.check_shard_count(spec, world_size=4, loader_workers=4)
     stream.check_shard_count(spec, world_size=2, loader_workers=2)
+
+
+def test_dry_run_shards_per_worker_are_what_the_stream_reads(digits_dir, tmp_path):
+    """12 shards, 2 workers x 4 loader processes (8 readers): what `--dry-run` prints per worker is what
+    each rank's real DataLoader processes read in the first epoch (reader g takes every 8th shard from
+    g on, so rank 0's readers 0-3 hold 8 shards and rank 1's readers 4-7 hold 4), and what the start
+    summary reports (`assignment`)."""
+    cfg = config.load(
+        "configs/smoke.yaml",
+        [
+            f"data.train={digits_dir}",
+            f"run_dir={tmp_path / 'run'}",
+            "cluster.num_workers=2",
+            "data.num_workers=4",
+            "data.batch_size=16",
+            "tracking.wandb.mode=disabled",
+        ],
+    )
+    plan = make_plan(cfg)
+    assert len(plan.spec.train_urls) == 12
+    shard_of = {key: i for i, url in enumerate(plan.spec.train_urls) for key in shard_keys(url)}
+    read, summary = [], []
+    for rank in range(2):
+        batches = stream.TrainBatches(plan.spec, plan.cfg.data, rank, 2, seed=plan.cfg.seed)
+        try:
+            summary.append(batches.assignment()[0])
+            shards_read: set[int] = set()
+            into_epoch_1: set[int] = set()  # readers (loader processes) that have finished epoch 0
+            for _ in range(500):
+                batch = next(batches)
+                shards_read |= {shard_of[k] for k, e in zip(batch.keys, batch.epochs, strict=True) if e == 0}
+                if max(batch.epochs) > 0:
+                    into_epoch_1.add(batch.meta[0])
+                if len(into_epoch_1) == 4:
+                    break
+            assert len(into_epoch_1) == 4
+            read.append(len(shards_read))
+        finally:
+            batches.close()
+    assert read == [8, 4]
+    assert plan.shards_per_worker() == read == summary
+    assert "shards/worker [8, 4]" in plan.describe()
 
 
 def test_eval_batches_partition_val_across_ranks(digits_dir):

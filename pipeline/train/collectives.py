@@ -1,4 +1,5 @@
-"""Collectives the loop uses, written so a single process (no process group) works too.
+"""Collectives the training code uses, written so a single process (no process group) works too.
+Imported as `collectives`; `tdist` is torch.distributed (the name `dist` is never ours).
 
 Each function is a collective when a process group exists: every rank must call it, in the same order.
 """
@@ -9,42 +10,37 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def rank_and_world() -> tuple[int, int]:
     """(this rank, world size); (0, 1) in a single process without a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    return (tdist.get_rank(), tdist.get_world_size()) if is_distributed() else (0, 1)
 
 
 def backend() -> str:
     """The process group's backend (gloo, nccl), or "none" in a single process."""
-    return str(dist.get_backend()) if is_distributed() else "none"
+    return str(tdist.get_backend()) if is_distributed() else "none"
 
 
 def _device() -> torch.device:
     """Where collective tensors must live: the current GPU under NCCL, else the CPU."""
-    if is_distributed() and dist.get_backend() == "nccl":
+    if is_distributed() and tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def _reduce_op(op: str) -> Any:
-    return dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    return tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_distributed():
-        dist.all_reduce(t, op=_reduce_op(op))
+        tdist.all_reduce(t, op=_reduce_op(op))
     return t
 
 
@@ -52,7 +48,7 @@ def all_reduce_async(t: torch.Tensor, op: str = "sum") -> Callable[[], torch.Ten
     """Start an all-reduce of `t` in place; the returned function waits for it and returns `t`."""
     if not is_distributed():
         return lambda: t
-    work = dist.all_reduce(t, op=_reduce_op(op), async_op=True)
+    work = tdist.all_reduce(t, op=_reduce_op(op), async_op=True)
 
     def wait() -> torch.Tensor:
         work.wait()
@@ -65,8 +61,8 @@ def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (small JSON-like objects only: pickled)."""
     if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
     return out
 
 
@@ -75,7 +71,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    tdist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -84,7 +80,7 @@ def all_true(flag: bool) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return bool(t.item() == 1.0)
 
 
@@ -95,9 +91,9 @@ def average_buffers(module: torch.nn.Module) -> None:
     own shards. Averaging them before eval and save makes eval, the checkpoint and the exported model
     agree (timm's `distribute_bn(reduce=True)` does the same).
     """
-    if not is_distributed() or dist.get_world_size() == 1:
+    if not is_distributed() or tdist.get_world_size() == 1:
         return
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer.div_(dist.get_world_size())
+            tdist.all_reduce(buffer)
+            buffer.div_(tdist.get_world_size())

@@ -1,79 +1,56 @@
-"""What the loop saves and restores besides the engines: the resume point, RNG states, the commit call.
+"""The checkpoint policy of a run: when a save starts, when it commits, what happens when one fails.
 
-Kept out of loop.py so the loop reads top to bottom; everything here is collective unless it says so.
+A save starts at a due step (the loop waits only while tensors are staged in memory) and commits
+(MANIFEST + rename) once every rank's background writes are done, which the loop learns from the
+per-step agreement (`writes_busy`), or at the latest `checkpoint.max_commit_lag_steps` steps later, or
+at once with `wait` (the last step, a preemption). `checkpoint.async_save=false` commits every save
+before training goes on. Everything here is collective unless it says so.
 """
 
 from __future__ import annotations
 
-import base64
-import random
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from pipeline.checkpoint import commit, store, universal
+from pipeline.checkpoint import commit, store
 from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
-from pipeline.train import distributed as dist
+from pipeline.train import collectives
+from pipeline.train.faults import Faults
+from pipeline.train.meter import DataCounters
+from pipeline.train.resume import rng_state
+from pipeline.train.state import TrainState
 
 
-def agree_resume_point(cfg: Config, given: str | None, is_rank0: bool) -> str | None:
-    """The checkpoint every rank resumes from. The launcher's choice (`given`, checked before launch)
-    unless this run dir has a newer commit: after Ray restarts the worker group, the newest verified
-    commit is the right one. Rank 0 decides (verification reads files), everyone follows."""
-    choice = given
-    if is_rank0:
-        newest = store.for_config(cfg).newest_verified(warn=lambda m: print(f"warning: {m}", flush=True))
-        if newest is not None and (given is None or _step_of(newest) > _step_of(Path(given))):
-            choice = str(newest)
-    return dist.broadcast_object(choice)
-
-
-def _step_of(ckpt: Path) -> int:
-    return int(commit.read_manifest(ckpt)["step"])
-
-
-def prepare_engine_load(
-    resume_from: str | None, world_size: int, engine: str, is_rank0: bool
-) -> tuple[Path, str, bool]:
-    """Where the engine loads from: the checkpoint itself, or (another world size under ZeRO 1-3) its
-    universal conversion, made once by rank 0 and cached. Returns (load dir, tag, universal?)."""
-    assert resume_from is not None
-    ckpt = Path(resume_from)
-    manifest = commit.read_manifest(ckpt)
-    if manifest["world_size"] == world_size or manifest["zero_stage"] == 0:
-        return ckpt / "engines" / engine, commit.ENGINE_TAG, False
-    error = None
-    if is_rank0:
-        try:
-            universal.convert(ckpt, engine)
-        except commit.CheckpointError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)  # also: nobody loads before the conversion is complete
-    if error:
-        raise commit.CheckpointError(error)
-    return universal.universal_dir(ckpt, engine), universal.UNIVERSAL_TAG, True
-
-
-class Checkpointer:
-    """The saves of one worker. A save starts at a due step (the loop waits only while tensors are
-    staged in memory) and is finished (MANIFEST + rename) once every rank's background writes are done,
-    which the loop learns from the per-step flags all-reduce (`busy`), or at once with `wait`.
-    `checkpoint.async_save=false` finishes every save before training goes on."""
+class CheckpointPolicy:
+    """The saves of one worker: `save(step, ...)` at due steps, `commit_if_ready(step, ...)` every step."""
 
     def __init__(
-        self, cfg: Config, spec: DataSpec, task: Any, is_rank0: bool, world_size: int, tracker: Any
+        self,
+        *,
+        cfg: Config,
+        spec: DataSpec,
+        num_outputs: int,
+        engines: Mapping[str, Any],
+        state: TrainState,
+        batches: Any,
+        counters: DataCounters,
+        tracker: Any,
+        faults: Faults,
+        is_rank0: bool,
+        world_size: int,
     ) -> None:
         self.cfg = cfg
+        self.engines, self.state, self.batches, self.counters = engines, state, batches, counters
+        self.tracker, self.faults = tracker, faults
         self.is_rank0 = is_rank0
         self.world_size = world_size
-        self.tracker = tracker
         # The same for every save of the run: computed once.
-        self.model_metadata = model_metadata(cfg, spec, task.num_outputs(spec.num_classes))
+        self.model_metadata = model_metadata(cfg, spec, num_outputs)
         self.writer = BackgroundWriter()
         self.store = store.for_config(cfg)
         self.retention = commit.Retention(
@@ -88,32 +65,36 @@ class Checkpointer:
         self.last_commit: Path | None = None
         self.uploaded: dict[Path, str] = {}  # local commit -> its remote URL (checkpoint.dir s3://...)
 
-    def busy(self) -> float:
-        """1.0 while this rank still writes a pending save (for the step flags all-reduce)."""
-        return float(self.pending is not None and not self.writer.done())
+    def busy(self) -> bool:
+        """Not collective: whether this rank still writes a pending save (for the agreement)."""
+        return self.pending is not None and not self.writer.done()
 
-    def save(
-        self,
-        engines: dict[str, Any],
-        state: Any,
-        batches: Any,
-        metrics: dict[str, Any],
-        before_commit: Any,
-        wait: bool,
-    ) -> None:
-        """Collective. Start a checkpoint of everything a resume needs (every engine, one commit); with
-        `wait` (or synchronous saves), also finish it. Raises SaveFailed after
+    def commit_if_ready(self, step: int, *, writes_busy: bool) -> None:
+        """Commit a background save once every rank's writes are done (`writes_busy` as agreed), or at
+        the latest checkpoint.max_commit_lag_steps steps after it (waiting for them): both conditions
+        are agreed (flags, step), so every rank reaches this collective together."""
+        pending = self.pending
+        if pending is not None and (
+            not writes_busy or step - pending.step >= self.cfg.checkpoint.max_commit_lag_steps
+        ):
+            self.finish(must_commit=False)
+
+    def save(self, step: int, *, metrics: dict[str, Any], wait: bool) -> None:
+        """Start a checkpoint of everything a resume needs after `step` (every engine, one commit);
+        with `wait` (or synchronous saves), also commit it. Raises SaveFailed after
         `checkpoint.max_save_failures` failures in a row, or when `wait` (a preemption's save) fails."""
+        cfg, state, engines = self.cfg, self.state, self.engines
+        assert state.step == step
+        self.counters.sync(state, self.tracker.event)  # the sample counts are part of the state
         if self.pending is not None:
             self.finish(must_commit=False)  # its writes had a whole checkpoint interval to finish
-        cfg = self.cfg
         state.data_cursor = data_cursor.merge_rank_states(
-            dist.gather_objects(batches.local_state())
+            collectives.gather_objects(self.batches.local_state())
         ).to_dict()
-        state.rng = dist.gather_objects(rng_state())
+        state.rng = collectives.gather_objects(rng_state())
         for engine in engines.values():
-            dist.average_buffers(engine.module)  # the saved statistics are every rank's
-        if not dist.all_true(all(engine.is_finite() for engine in engines.values())):
+            collectives.average_buffers(engine.module)  # the saved statistics are every rank's
+        if not collectives.all_true(all(engine.is_finite() for engine in engines.values())):
             self.tracker.event("checkpoint_refused", step=state.step, reason="non-finite weights")
             self._failed(state.step, "non-finite weights", must_commit=wait)
             return
@@ -125,7 +106,7 @@ class Checkpointer:
                 cfg.checkpoint_dir,
                 state.step,
                 is_rank0=self.is_rank0,
-                all_ok=dist.all_true,
+                all_ok=collectives.all_true,
                 writer=self.writer,
                 metadata={
                     **self.model_metadata,
@@ -133,7 +114,7 @@ class Checkpointer:
                     "config_digest": state.config_digest,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
                 },
-                before_commit=before_commit,
+                before_commit=functools.partial(self.faults.in_save, step),
             )
         except commit.SaveFailed as e:
             self._failed(state.step, str(e), must_commit=wait)
@@ -151,8 +132,8 @@ class Checkpointer:
             path = commit.finish(
                 pending,
                 is_rank0=self.is_rank0,
-                all_ok=dist.all_true,
-                gather=dist.gather_objects,
+                all_ok=collectives.all_true,
+                gather=collectives.gather_objects,
                 writer=self.writer,
                 # with a remote mirror, local retention runs after the upload (store.publish)
                 retention=None if self.store.remote else self.retention,
@@ -202,7 +183,7 @@ class Checkpointer:
             )
 
 
-def weights_checksum(engines: dict[str, Any]) -> tuple[float, float]:
+def weights_checksum(engines: Mapping[str, Any]) -> tuple[float, float]:
     """Collective: (sum, sum of squares) of every engine's fp32 master weights, added up."""
     checksums = [engine.weights_checksum() for engine in engines.values()]
     return sum(c[0] for c in checksums), sum(c[1] for c in checksums)
@@ -222,40 +203,3 @@ def model_metadata(cfg: Config, spec: DataSpec, num_outputs: int) -> dict[str, A
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,
     }
-
-
-def rng_state() -> dict[str, Any]:
-    """This rank's RNG states (torch CPU/CUDA, Python, NumPy), JSON-able."""
-    state: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "python": _jsonable(random.getstate()),
-        "numpy": _jsonable(np.random.get_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(
-        torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy())
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(
-            torch.from_numpy(np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy())
-        )
-    random.setstate(_tupled(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
