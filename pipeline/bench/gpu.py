@@ -129,7 +129,9 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         data = Path(tmp) / "jpeg"
         source = sources.load_source(f"synthetic-images:{images}:224x224")
-        shards.write_prepared(source, data, samples_per_shard=1000)
+        # at least one train shard per loader process (the run refuses fewer); 1,000 when that allows
+        per_shard = min(1000, max(1, images * 3 // 4 // loader_workers))
+        shards.write_prepared(source, data, samples_per_shard=per_shard)
         common = [
             f"data.train={data}",
             f"data.batch_size={batch}",

@@ -43,6 +43,13 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
         return x
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    n, h, w, c = x.shape
+    if c == 1:
+        # One channel: NCHW and channels-last are the same bytes, but the permuted view gives the
+        # channel dimension stride 1, which oneDNN's conv backward mishandles on some CPUs (heap
+        # corruption, "corrupted double-linked list", seen with ResNet-18 on an AVX2-only AMD EPYC):
+        # a reshape gives the plain NCHW strides.
+        return (x.reshape(n, 1, h, w).float().div_(255.0) - mean_t) / std_t
     return (x.permute(0, 3, 1, 2).float().div_(255.0) - mean_t) / std_t
 
 

@@ -156,6 +156,13 @@ def test_eval_batches_partition_val_across_ranks(digits_dir):
     x = normalize(batch.x, spec.mean, spec.std)
     assert x.shape == (50, 1, 8, 8)
     assert x.dtype == torch.float32 and abs(float(x.mean())) < 0.5  # normalised with the MANIFEST's mean/std
+    # one channel: plain NCHW strides (the permuted view's stride-1 channel dim crashed oneDNN's conv
+    # backward with ResNet-18 on an AVX2-only CPU), the same values as the permuted view
+    assert x.stride() == (64, 64, 8, 1)
+    permuted = (batch.x.permute(0, 3, 1, 2).float() / 255.0 - spec.mean[0]) / spec.std[0]
+    assert torch.allclose(x, permuted)
+    rgb = normalize(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), [0.0] * 3, [1.0] * 3)
+    assert rgb.shape == (2, 3, 4, 4) and rgb.is_contiguous(memory_format=torch.channels_last)
 
 
 # --- corrupt data -----------------------------------------------------------------------------------
