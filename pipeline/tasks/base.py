@@ -75,7 +75,7 @@ class Step:
         x: torch.Tensor,
         y: torch.Tensor,
         number: int,
-        engines: Mapping[str, Any],
+        engines: Mapping[str, Updatable],
         agree: Agree,
         skipped: bool = False,
     ) -> None:

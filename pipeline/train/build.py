@@ -232,17 +232,13 @@ def _build(
 def _agree_precision(cfg: Config, env: WorkerEnv) -> tuple[Config, str]:
     """Collective: `precision: auto` becomes bf16 only when every rank's device computes it natively
     (one max all-reduce of "lacks it"), so all ranks train in the same precision."""
-    lacks = torch.tensor([float(not native_bf16(env.device))], device=_collective_device(env))
+    lacks = torch.tensor([float(not native_bf16(env.device))], device=collectives.tensor_device())
     native = not collectives.all_reduce(lacks, "max").item()
     precision, reason = choose_precision(cfg.precision, native=native, device=env.device)
     warning = forced_bf16_warning(precision, native=native, device=env.device)
     if warning and env.is_rank0:
         warnings.warn(warning, stacklevel=1)
     return cfg.model_copy(update={"precision": precision}), reason
-
-
-def _collective_device(env: WorkerEnv) -> str:
-    return env.device if collectives.backend() == "nccl" else "cpu"
 
 
 def _prefix_in(model: nn.Module, module: nn.Module) -> str:

@@ -27,7 +27,7 @@ def backend() -> str:
     return str(tdist.get_backend()) if is_distributed() else "none"
 
 
-def _device() -> torch.device:
+def tensor_device() -> torch.device:
     """Where collective tensors must live: the current GPU under NCCL, else the CPU."""
     if is_distributed() and tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -79,7 +79,7 @@ def all_true(flag: bool) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=tensor_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return bool(t.item() == 1.0)
 
