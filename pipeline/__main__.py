@@ -1,4 +1,5 @@
-"""The `pipeline` command line: parse, load config, call launch. Nothing else.
+"""The `pipeline` command line: parse, call the Python API (pipeline/api.py) or a launcher, map its
+exceptions to exit codes and print. Nothing else.
 
 Exit codes: 0 done; 1 training failed; 2 usage, config or input error (raised before anything starts);
 75 preempted with a committed checkpoint (requeue me).
@@ -23,7 +24,7 @@ app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Prepare and inspect WebDataset shards.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare, index and inspect WebDataset shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -82,12 +83,80 @@ def data_prepare(
     typer.echo(f"wrote {out}/MANIFEST.json ({manifest['source']}, shape {manifest['sample_shape']})")
 
 
+@data_app.command("index")
+def data_index(
+    shards_arg: str = typer.Argument(
+        ...,
+        metavar="SHARDS",
+        help="your existing shards: a dir of .tar files, a brace pattern (dir/shard-{000000..000009}.tar), "
+        "s3://bucket/prefix/, pipe: commands; a.tar::b.tar joins several",
+    ),
+    out: str = typer.Option(..., "--out", help="where MANIFEST.json goes (the shards' dir, or another)"),
+    val: str = typer.Option(None, "--val", help="val shards (same forms as SHARDS)"),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="hold out this fraction of whole shards"),
+    seed: int = typer.Option(0, "--seed", help="seed of --val-fraction and of the statistics sample"),
+    input_key: str = typer.Option(
+        None, "--input", help="the input's key (data.fields.input), e.g. input.npy"
+    ),
+    target_key: str = typer.Option(
+        None, "--target", help="the target's key (data.fields.target), e.g. target.cls or json.label"
+    ),
+    decode: str = typer.Option(
+        None,
+        "--decode",
+        help="your decode function (data.decode), 'pkg.module:function' or 'file.py:function'",
+    ),
+    storage_options: str = typer.Option(
+        None, "--storage-options", help='fsspec options for s3:// as JSON, e.g. \'{"endpoint_url": "..."}\''
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing MANIFEST.json in --out"),
+) -> None:
+    """Read existing WebDataset shards once (never rewriting them) and write --out/MANIFEST.json: sample
+    counts, sha256, keys, classes, input shape and normalisation, so `data.train=OUT` trains on them."""
+    from pipeline.data import index
+
+    try:
+        try:
+            options = json.loads(storage_options) if storage_options else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--storage-options is not JSON: {e}") from None
+        manifest = index.index_shards(
+            shards_arg,
+            out,
+            val=val,
+            val_fraction=val_fraction,
+            seed=seed,
+            input_key=input_key,
+            target_key=target_key,
+            decode=decode,
+            storage_options=options,
+            overwrite=overwrite,
+            echo=typer.echo,
+        )
+    except ConfigError as e:
+        _fail(str(e))
+    for split, info in manifest["splits"].items():
+        typer.echo(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    fields = manifest["fields"]
+    how = (
+        f"decode {manifest['decode']}"
+        if manifest["decode"]
+        else f"input {fields['input']}, target {fields['target']}"
+    )
+    typer.echo(
+        f"wrote {out.rstrip('/')}/MANIFEST.json ({how}; {manifest['kind']} {manifest['sample_shape']}, "
+        f"{manifest['num_classes']} classes)"
+    )
+
+
 @data_app.command("inspect")
 def data_inspect(
-    directory: Path = typer.Argument(..., help="a directory written by `pipeline data prepare`"),
+    directory: Path = typer.Argument(
+        ..., help="a directory with a MANIFEST.json (`pipeline data prepare` or `pipeline data index`)"
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip sha256 and sample counts"),
 ) -> None:
-    """Print a prepared dataset's counts, classes and shards; verify checksums (exit 2 if bad)."""
+    """Print a dataset's counts, classes and shards; verify checksums (exit 2 if bad)."""
     from pipeline.data import shards
 
     try:
@@ -96,8 +165,19 @@ def data_inspect(
     except ConfigError as e:
         _fail(str(e))
     typer.echo(
-        f"source {manifest['source']}, seed {manifest['seed']}, sample shape {manifest['sample_shape']}"
+        f"source {manifest['source']}, seed {manifest.get('seed')}, {manifest.get('kind', 'image')} "
+        f"sample shape {manifest['sample_shape']}"
     )
+    if manifest.get("root"):
+        typer.echo(f"root {manifest['root']}")
+    if manifest["format"] == shards.FORMAT_INDEXED:
+        fields = manifest.get("fields") or {}
+        typer.echo(
+            f"decode {manifest['decode']}"
+            if manifest.get("decode")
+            else f"fields: input {fields.get('input')}, target {fields.get('target')}"
+        )
+        typer.echo(f"keys: {', '.join(manifest.get('keys', []))}")
     typer.echo(f"classes ({manifest['num_classes']}): {', '.join(manifest['classes'])}")
     for split, info in manifest["splits"].items():
         total = sum(s["bytes"] for s in info["shards"])
@@ -107,7 +187,8 @@ def data_inspect(
     if problems:
         for p in problems:
             typer.echo(f"  BAD {p}", err=True)
-        _fail(f"{len(problems)} problem(s) in {directory}; re-run `pipeline data prepare`")
+        again = "index" if manifest["format"] == shards.FORMAT_INDEXED else "prepare"
+        _fail(f"{len(problems)} problem(s) in {directory}; re-run `pipeline data {again}`")
     typer.echo("all shards verified" if not no_verify else "sizes checked (sha256 skipped)")
 
 
@@ -130,13 +211,12 @@ def train(
     Exit codes: 0 done, 1 training failed, 2 config/input error (nothing started),
     75 preempted by SIGTERM/SIGUSR1 with a committed checkpoint (re-run to resume).
     """
+    from pipeline import api
     from pipeline import config as config_mod
 
     try:
-        cfg = config_mod.load(config, overrides or [])  # before torch is imported: a typo fails fast
-        from pipeline.launch.plan import make_plan
-
-        plan = make_plan(cfg)
+        cfg = api.load_config(config, overrides or [])  # before torch is imported: a typo fails fast
+        plan = api.prepare(cfg)
     except ConfigError as e:
         _fail(str(e))
     if print_config or dry_run:
@@ -151,28 +231,23 @@ def train(
         os.environ[tracking.VERBOSE_ENV] = "1"  # read by the launchers and, through them, the workers
     typer.echo(plan.describe())
     try:
-        final = launch.train(plan)
+        result = api.run(plan)
+    except api.Preempted as e:
+        typer.echo(
+            f"preempted: checkpoint committed at step {e.result.step} ({e.result.checkpoint}); "
+            "re-run the same command to resume"
+        )
+        raise typer.Exit(EXIT_PREEMPTED) from None
     except launch.TrainingFailed as e:
         _fail(f"training failed: {e}", EXIT_FAILED)
     except ConfigError as e:
         _fail(str(e))
-    if final.get("preempted"):
-        typer.echo(
-            f"preempted: checkpoint committed at step {final.get('step')} ({final.get('checkpoint')}); "
-            "re-run the same command to resume"
-        )
-        raise typer.Exit(EXIT_PREEMPTED)
-    accuracy = final.get("eval/accuracy")
-    typer.echo(
-        f"final step {final.get('step')}: "
-        + ", ".join(
-            f"{k} {v:.4f}" for k, v in final.items() if k.startswith("eval/") and isinstance(v, float)
-        )
-    )
-    if accuracy is not None:
-        typer.echo(f"final validation accuracy: {accuracy:.4f}")
-    if "checkpoint" in final:
-        typer.echo(f"checkpoint: {final['checkpoint']}")
+    evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and isinstance(v, float)}
+    typer.echo(f"final step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+    if "eval/accuracy" in result.metrics:
+        typer.echo(f"final validation accuracy: {result.metrics['eval/accuracy']:.4f}")
+    if result.checkpoint is not None:
+        typer.echo(f"checkpoint: {result.checkpoint}")
 
 
 submit_app = typer.Typer(help="Submit a run to a Slurm or Ray cluster.", no_args_is_help=True)
@@ -192,18 +267,26 @@ def submit_slurm(
     job id, trains on the head, and on USR1 (signal_lead_s before the time limit, or
     `scancel --signal=USR1 --batch JOB`) commits a checkpoint and requeues itself; the requeued job
     resumes. Script, config snapshot and log: RUN_DIR/slurm/."""
-    from pipeline import config as config_mod
+    from pipeline import api
     from pipeline.launch import slurm
-    from pipeline.launch.plan import make_plan
 
     try:
-        cfg = make_plan(config_mod.load(config, overrides or [])).cfg  # local paths made absolute
+        cfg = api.prepare(api.load_config(config, overrides or [])).cfg  # local paths made absolute
+        roots = slurm.code_roots(cfg)
         if dry_run:
             typer.echo(slurm.render(cfg, Path.cwd()).rstrip())
-            return
-        job_id, log_path = slurm.submit(cfg, Path.cwd())
+        else:
+            job_id, log_path = slurm.submit(cfg, Path.cwd())
     except ConfigError as e:
         _fail(str(e))
+    if roots:  # on stderr: a dry run's stdout is the script itself
+        typer.echo(
+            f"note: the job imports your code from {', '.join(roots)} on every node: it must be on a "
+            "filesystem all nodes share, at the same path (the script puts it on PYTHONPATH)",
+            err=True,
+        )
+    if dry_run:
+        return
     typer.echo(f"submitted Slurm job {job_id}; log: {log_path}")
     if wait:
         raise typer.Exit(slurm.follow(job_id, log_path))
@@ -217,21 +300,29 @@ def submit_ray(
     ),
     address: str = typer.Option(..., "--address", help="the cluster's dashboard URL, e.g. http://HEAD:8265"),
     no_wait: bool = typer.Option(False, "--no-wait", help="submit and return; do not follow the logs"),
+    py_modules: list[Path] = typer.Option(
+        None,
+        "--py-modules",
+        help="more of your code to ship with the job: a package dir, a .py file or a .whl (repeatable)",
+    ),
 ) -> None:
     """Submit `pipeline train` as a Ray job (Job Submission API): the package code and the resolved
-    config travel as the job's working dir, WANDB_* variables as its env. The submission id is derived
+    config travel as the job's working dir, WANDB_* variables as its env. Your code that the config
+    names by import path (model.name, task.name, data.decode: its package, or the .py file) and every
+    --py-modules PATH travel with it (Ray's py_modules), so workers import them on every node;
+    installed packages do not (the cluster's environment must have them). The submission id is derived
     from the run name and run dir: re-submitting follows the job while it runs, and after it failed or
     was stopped starts it again, resuming from the run dir's checkpoints (run_dir must be on storage
     every node sees). Exits with the job's driver exit code (0 done, 1 failed, 75 preempted)."""
-    from pipeline import config as config_mod
+    from pipeline import api
     from pipeline.launch import ray as ray_launcher
-    from pipeline.launch.plan import make_plan
 
     try:
-        cfg = make_plan(config_mod.load(config, overrides or [])).cfg
+        cfg = api.prepare(api.load_config(config, overrides or [])).cfg
         if cfg.cluster.launcher != "ray":
             raise ConfigError("pipeline submit ray runs Ray Train workers: set cluster.launcher=ray")
-        code = ray_launcher.submit_job(cfg, address, not no_wait, sys.stdout)
+        modules = [str(p) for p in py_modules or []]
+        code = ray_launcher.submit_job(cfg, address, not no_wait, sys.stdout, py_modules=modules)
     except ConfigError as e:
         _fail(str(e))
     raise typer.Exit(code)
@@ -345,25 +436,10 @@ def eval_cmd(
     overrides: list[str] = typer.Argument(None, help="overrides of the run's config, e.g. data.val=DIR"),
 ) -> None:
     """Score a checkpoint on the val shards of its run (config.yaml beside it), without DeepSpeed."""
-    from pipeline import config as config_mod
-    from pipeline.launch.plan import make_plan
-    from pipeline.train.evaluator import evaluate_checkpoint, find_checkpoint
+    from pipeline import api
 
     try:
-        ckpt = find_checkpoint(target)
-        run_config = ckpt.parent.parent / "config.yaml"
-        cfg = config_mod.load(
-            run_config,
-            [
-                *(overrides or []),
-                # one local process; the run's resume/init_from settings do not matter for scoring
-                "cluster.num_workers=1",
-                "data.num_workers=0",
-                "resume=auto",
-                "init_from.path=null",
-            ],
-        )
-        metrics = evaluate_checkpoint(cfg, make_plan(cfg).spec, ckpt)
+        metrics = api.evaluate(target, overrides or [])
     except ConfigError as e:
         _fail(str(e))
     typer.echo(json.dumps(metrics))
@@ -376,16 +452,13 @@ def export_cmd(
     engine: str = typer.Option("model", "--engine", help="which engine of the checkpoint"),
 ) -> None:
     """Write consolidated fp32 weights that load into the plain nn.Module without DeepSpeed."""
-    from pipeline.checkpoint import commit, export
+    from pipeline import api
 
     try:
-        ckpt = commit.find(checkpoint)
-        if ckpt is None:
-            raise commit.CheckpointError(f"{checkpoint} is neither a checkpoint nor a run dir with one")
-        meta = export.export(ckpt, out, engine)
+        meta = api.export(checkpoint, out, engine)
     except ConfigError as e:
         _fail(str(e))
-    typer.echo(f"exported {ckpt} (step {meta['step']}) -> {out}")
+    typer.echo(f"exported {meta['checkpoint']} (step {meta['step']}) -> {out}")
     typer.echo(json.dumps(meta["model"]))
 
 

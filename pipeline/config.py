@@ -7,10 +7,12 @@ starts (no Ray, no W&B, no run dir).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +38,24 @@ class AugmentConfig(Section):
         return self.crop_padding > 0 or self.hflip
 
 
+class FieldsConfig(Section):
+    """Which keys of a WebDataset sample are the model's input and target (default: detected)."""
+
+    input: str | None = Field(
+        None, description="the input's key: png | jpg | jpeg | webp | npy | any extension, e.g. input.npy"
+    )
+    target: str | None = Field(
+        None,
+        description="the target's key: cls | label | target (an int), or json.FIELD for a field of the "
+        "sample's .json, e.g. json.label",
+    )
+
+
 class DataConfig(Section):
-    train: str = Field(description="dir written by `pipeline data prepare`, or shard URLs (brace patterns)")
+    train: str = Field(
+        description="dir with a MANIFEST (`pipeline data prepare` or `pipeline data index`), or shard URLs "
+        "(brace patterns) listed in the MANIFEST beside them"
+    )
     val: str | None = Field(None, description="val shards; defaults to the prepared dir's val split")
     batch_size: int = Field(64, gt=0, description="samples per worker per micro-step")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
@@ -60,10 +78,20 @@ class DataConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for s3:// etc. (e.g. endpoint_url, key, secret)"
     )
+    fields: FieldsConfig = Field(default_factory=FieldsConfig)
+    decode: str | None = Field(
+        None,
+        description="your decode function, 'package.module:function' or 'file.py:function': "
+        "sample dict (key -> bytes) -> (input array or tensor, int target); replaces data.fields",
+    )
 
 
 class ModelConfig(Section):
-    name: str = "cnn"
+    name: str = Field(
+        "cnn",
+        description="a built-in model (cnn, resnet18, lstm ...) or your nn.Module: 'package.module:Class' "
+        "or 'path/to/file.py:Class'",
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="constructor arguments of the model")
 
 
@@ -153,11 +181,27 @@ class InitFromConfig(Section):
         0, ge=0, description="train the frozen parameters from this step on (0: never)"
     )
     lr_mult: dict[str, float] = Field(default_factory=dict, description="LR multipliers by parameter pattern")
+    adapt_input_channels: bool = Field(
+        True,
+        description="when the file's first convolution has other input channels than the data (RGB "
+        "weights, 1-channel data), adapt its filters (summed to 1 channel, else repeated) as timm does",
+    )
+    freeze_batchnorm: bool = Field(
+        False,
+        description="BatchNorm layers matched by init_from.freeze also stop updating their running "
+        "statistics (they run in eval mode)",
+    )
 
 
 class TaskConfig(Section):
-    name: Literal["classify", "next_step", "autoencoder", "vae", "gan"] = "classify"
-    args: dict[str, Any] = Field(default_factory=dict, description="the task's options (see pipeline/tasks/)")
+    name: str = Field(
+        "classify",
+        description="classify | next_step | autoencoder | vae | gan, or your pipeline.Task subclass: "
+        "'package.module:Class' or 'path/to/file.py:Class'",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="the task's constructor keyword arguments (see pipeline/tasks/)"
+    )
     optim: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-engine optimizer keys over `optim`, e.g. {discriminator: {lr: 2e-4}} for a GAN",
@@ -392,18 +436,8 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
     tree: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded or {}
-        _check_keys(tree, Config, "", str(p))
-        source = f"{p} + overrides" if overrides else str(p)
+        tree = read_yaml(path)
+        source = f"{Path(path)} + overrides" if overrides else str(Path(path))
     for text in overrides:
         key, value = parse_override(text)
         _check_keys(_nest(key, value), Config, "", f"override '{text}'")
@@ -420,6 +454,85 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _set_dotted(out, dotted, value)
     return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's tree, its keys checked (unknown keys with a did-you-mean). Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    tree = loaded or {}
+    _check_keys(tree, Config, "", str(p))
+    return tree
+
+
+def _section_at(dotted: str) -> type[BaseModel] | None:
+    """The config section class at a dotted key (`train`, `tracking.wandb`); None for a plain value."""
+    section: type[BaseModel] | None = Config
+    for part in dotted.split("."):
+        fields = _section_fields(section) if section is not None else {}
+        section = _sub_model(fields[part].annotation) if part in fields else None
+    return section
+
+
+def merge(
+    base: dict[str, Any], over: dict[str, Any], section: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """`over` merged into a copy of `base` (trees of `section`, default the whole Config): sections
+    merge key by key; any other value replaces, a free-form dict such as model.args too (as
+    `model.args={...}` does on the command line)."""
+    fields = _section_fields(section or Config)
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        sub = _sub_model(fields[key].annotation) if key in fields else None
+        if sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, sub)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(
+    tree: dict[str, Any], overrides: Mapping[str, Any], source: str = "overrides"
+) -> dict[str, Any]:
+    """Overrides given in Python, applied in order to a copy of the config tree `tree`: a dotted key
+    sets that one key as `key=value` does on the command line (`{"train.max_steps": 50}`); a section's
+    dict merges into it key by key (`{"train": {"max_steps": 50}}`, see `merge`). Each key is checked
+    (unknown keys with a did-you-mean), errors labelled `source`."""
+    out = _expand_shorthand(copy.deepcopy(tree))
+    for key, value in overrides.items():
+        _check_keys(_nest(key, copy.deepcopy(value)), Config, "", f"{source}: {key}")
+        if key in _SHORTHAND and not isinstance(value, dict):  # `task: gan` is `task.name: gan`
+            key = f"{key}.{_SHORTHAND[key]}"
+        parent, _, leaf = key.rpartition(".")
+        sub = _section_at(key)
+        node = out
+        for part in parent.split(".") if parent else []:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{key}': '{part}' is not a section")
+        if sub is not None and isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = merge(node[leaf], value, sub)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def validate_tree(tree: dict[str, Any], source: str) -> Config:
+    """A config tree built in Python (YAML-shaped dicts), checked as `load` checks a file: unknown
+    keys with a did-you-mean, then types; errors name `source`. Raises ConfigError."""
+    tree = copy.deepcopy(tree)
+    _check_keys(tree, Config, "", source)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
 
 
 def from_dict(tree: dict[str, Any]) -> Config:

@@ -1,10 +1,15 @@
 """Write WebDataset tar shards + MANIFEST.json, verify them, and resolve `data.train`/`data.val`.
 
-A prepared directory:
+A prepared directory (`pipeline data prepare`, format pipeline-shards/1):
     MANIFEST.json          format, source, classes, sample shape, normalisation, splits with
                            per-shard {name, samples, bytes, sha256}
     train-000000.tar ...   WebDataset shards: <key>.png (encoded image) + <key>.cls (label, ascii)
     val-000000.tar ...
+
+An indexed directory (`pipeline data index`, pipeline/data/index.py, format pipeline-shards/2): the
+same MANIFEST over a user's existing shards, plus the detected `fields` (input and target keys),
+`keys`, `label_type` and, when the MANIFEST is not in the shards' own directory, a top-level `root`
+(directory or URL prefix) that the shard names are relative to.
 
 We write tars with the standard library rather than ``webdataset.TarWriter`` so that the bytes are
 reproducible (fixed mtime/uid/order): the same seed gives the same sha256, which the MANIFEST records.
@@ -29,7 +34,11 @@ from pipeline.data.sources import Source
 from pipeline.files import fsync_tree, sha256_file
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "pipeline-shards/1"
+FORMAT = "pipeline-shards/1"  # `pipeline data prepare`
+FORMAT_INDEXED = "pipeline-shards/2"  # `pipeline data index`: adds root, fields, keys, label_type
+FORMATS = (FORMAT, FORMAT_INDEXED)
+HOW_TO_INDEX = "index existing shards with `pipeline data index SHARDS --out DIR`"
+HOW_TO_PREPARE = "write new ones with `pipeline data prepare SOURCE --out DIR`"
 
 
 class DataError(ConfigError):
@@ -184,16 +193,54 @@ def read_manifest(directory: str | Path, storage_options: dict[str, Any] | None 
         else:
             text = Path(path.removeprefix("file://")).read_text()
     except FileNotFoundError:
-        raise DataError(f"{directory} has no {MANIFEST}: write it with `pipeline data prepare`") from None
+        raise DataError(
+            f"{directory} has no {MANIFEST} (the per-shard sample counts the data cursor needs): "
+            f"{HOW_TO_INDEX}, or {HOW_TO_PREPARE}"
+        ) from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run `pipeline data prepare`") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(
+            f"{path} is not valid JSON ({e}); re-run `pipeline data index` (or `pipeline data prepare`)"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: unknown format {found!r}, expected one of {', '.join(FORMATS)}")
+    for info in manifest.get("splits", {}).values():
+        for shard in info["shards"]:
+            check_name(shard["name"], path)
+    root = manifest.get("root")
+    if root is not None and (not isinstance(root, str) or not root):
+        raise DataError(f"{path}: 'root' must be a directory or URL prefix, not {root!r}")
     return manifest
+
+
+def check_name(name: Any, where: str) -> None:
+    """Shard names in a MANIFEST are plain relative paths under its directory (or its `root`)."""
+    bad = (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(("/", "~", "\\"))
+        or "\\" in name
+        or "://" in name
+        or name.startswith("pipe:")
+        or ":" in name.split("/")[0]  # C:... drive letters
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    )
+    if bad:
+        raise DataError(f"{where}: shard name {name!r} is not a plain relative path (no '..', not absolute)")
+
+
+def shard_base(manifest: dict[str, Any], directory: str) -> str:
+    """Where a MANIFEST's shard names are relative to: its `root`, else its own directory."""
+    return str(manifest.get("root") or directory).rstrip("/")
+
+
+def shard_url(manifest: dict[str, Any], directory: str, name: str) -> str:
+    """A shard's URL: base/name (+ the `root_suffix` of a `pipe:` command, e.g. ' -')."""
+    return f"{shard_base(manifest, directory)}/{name}{manifest.get('root_suffix', '')}"
 
 
 def _count_tar_samples(path: Path) -> int:
@@ -205,14 +252,23 @@ def _count_tar_samples(path: Path) -> int:
     return len(keys)
 
 
-def inspect_prepared(directory: Path, verify: bool = True) -> list[str]:
-    """Check every shard against the MANIFEST (size, sha256, sample count). Returns the problems."""
+def inspect_prepared(
+    directory: Path, verify: bool = True, storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Check every shard against the MANIFEST (size, sha256, sample count). Returns the problems.
+    Shards under a remote `root` (s3://, pipe:) are read whole when `verify`, else not checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    base = shard_base(manifest, str(directory))
     problems = []
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            path = directory / shard["name"]
+            if is_remote(base):
+                if verify:
+                    url = shard_url(manifest, str(directory), shard["name"])
+                    problems += _verify_remote(url, shard, split, storage_options or {})
+                continue
+            path = Path(base.removeprefix("file://")) / shard["name"]
             if not path.is_file():
                 problems.append(f"{split}: shard {path} is missing")
                 continue
@@ -226,8 +282,8 @@ def inspect_prepared(directory: Path, verify: bool = True) -> list[str]:
                 continue
             if verify:
                 try:
-                    n = _count_tar_samples(path)
-                except tarfile.TarError as e:
+                    n = _count_tar_samples(path) if manifest["format"] == FORMAT else _count_stream(str(path))
+                except (tarfile.TarError, DataError) as e:
                     problems.append(f"{split}: shard {path} is not a readable tar: {e}")
                     continue
                 if n != shard["samples"]:
@@ -235,6 +291,27 @@ def inspect_prepared(directory: Path, verify: bool = True) -> list[str]:
                         f"{split}: shard {path} holds {n} samples, MANIFEST says {shard['samples']}"
                     )
     return problems
+
+
+def _count_stream(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Samples as training reads them (webdataset's grouping), for indexed shards."""
+    from pipeline.data import index  # imports torch and webdataset: only when verifying
+
+    return index.scan_shard(url, storage_options or {}).samples
+
+
+def _verify_remote(url: str, shard: dict[str, Any], split: str, storage_options: dict[str, Any]) -> list[str]:
+    from pipeline.data import index
+
+    try:
+        info = index.scan_shard(url, storage_options)
+    except DataError as e:
+        return [f"{split}: {e}"]
+    if (info.bytes, info.sha256) != (shard["bytes"], shard["sha256"]):
+        return [f"{split}: shard {url}: {info.bytes} bytes or sha256 differ from the MANIFEST (changed?)"]
+    if info.samples != shard["samples"]:
+        return [f"{split}: shard {url} holds {info.samples} samples, MANIFEST says {shard['samples']}"]
+    return []
 
 
 @dataclass
@@ -254,6 +331,11 @@ class DataSpec:
     classes: list[str] = field(default_factory=list)
     kind: str = "image"  # "image" | "sequence"
     image_size: list[int] | None = None  # resize every image to (H, W) when decoding
+    # What the MANIFEST detected (`pipeline data index`); data.fields overrides it; {}: detect per sample.
+    fields: dict[str, str | None] = field(default_factory=dict)
+    label_type: str | None = "int"  # "int" | "name" (class names, looked up in `classes`) | None: no labels
+    decode: str | None = None  # the decode function the MANIFEST was indexed with (never imported from it)
+    indexed: bool = False  # `pipeline data index` (users' shards) rather than `pipeline data prepare`
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -263,13 +345,45 @@ class DataSpec:
         return cls(**d)
 
 
-def expand_urls(pattern: str, key: str) -> list[str]:
+def _has_braces(text: str) -> bool:
+    return "{" in text or "}" in text
+
+
+def _what(key: str) -> str:
+    """How errors name where a pattern came from: a config key, or a CLI argument (SHARDS, --val)."""
+    return f"config key '{key}'" if key.startswith("data.") else key
+
+
+def split_parts(pattern: str, key: str, missing_ok: bool = False) -> list[str]:
+    """The parts of a `::` list (`a.tar::dir/b-{0..3}.tar`), each local part without braces checked
+    to exist first, so a missing one is named as such (not as a brace or MANIFEST problem)."""
+    parts = [part.strip() for part in pattern.split("::")]
+    if any(not part for part in parts):
+        raise DataError(f"{_what(key)}: '{pattern}' has an empty part between '::'")
+    if len(parts) > 1:
+        for number, part in enumerate(parts, 1):
+            if is_remote(part) or _has_braces(part) or Path(part.removeprefix("file://")).is_file():
+                continue
+            message = f"{_what(key)}: part {number} of {len(parts)} ({part}) does not exist"
+            if Path(part.removeprefix("file://")).is_dir():
+                message = f"{_what(key)}: part {number} ({part}) is a directory, not a shard file"
+            if not missing_ok or Path(part.removeprefix("file://")).is_dir():
+                raise DataError(message)
+    return parts
+
+
+def expand_urls(pattern: str, key: str, missing_ok: bool = False) -> list[str]:
     """Brace-expand a shard pattern (`dir/train-{000000..000011}.tar`; `::` joins several)."""
     import braceexpand  # a webdataset dependency
 
-    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part.strip())]
+    urls = []
+    for part in split_parts(pattern, key, missing_ok):
+        try:
+            urls += list(braceexpand.braceexpand(part))
+        except Exception as e:  # braceexpand raises its own UnbalancedBracesError (a ValueError)
+            raise DataError(f"{_what(key)}: cannot expand '{part}': {e}") from None
     if not urls:
-        raise DataError(f"config key '{key}': '{pattern}' names no shards")
+        raise DataError(f"{_what(key)}: '{pattern}' names no shards")
     return urls
 
 
@@ -280,8 +394,8 @@ def _check_local(urls: list[str], key: str, missing_ok: bool) -> None:
     message = f"config key '{key}': {len(missing)} of {len(urls)} shard(s) not found, first: {missing[0]}"
     if not missing_ok:
         raise DataError(
-            f"{message}. Prepare data with `pipeline data prepare SOURCE --out DIR` and point the key at DIR "
-            "(or set data.on_error=skip to train without them)"
+            f"{message}. Point the key at a directory with a {MANIFEST} ({HOW_TO_INDEX}, or "
+            f"{HOW_TO_PREPARE}), or set data.on_error=skip to train without them"
         )
     print(f"warning: {message}; data.on_error=skip: their samples will be skipped and counted")
 
@@ -304,9 +418,15 @@ def _from_directory(
 ) -> tuple[_Split, dict]:
     manifest = read_manifest(location, storage_options)
     if split not in manifest["splits"]:
-        raise DataError(f"config key '{key}': {location}/{MANIFEST} has no '{split}' split")
+        hint = ""
+        if split == "val":
+            hint = (
+                "; set data.val to val shards (or their dir), or index a val split with "
+                "`pipeline data index SHARDS --out DIR --val VAL_SHARDS` (or --val-fraction F)"
+            )
+        raise DataError(f"config key '{key}': {location}/{MANIFEST} has no '{split}' split{hint}")
     shard_list = manifest["splits"][split]["shards"]
-    urls = [f"{location.rstrip('/')}/{s['name']}" for s in shard_list]
+    urls = [shard_url(manifest, location, s["name"]) for s in shard_list]
     counts = [int(s["samples"]) for s in shard_list]
     return _Split(urls, counts, sum(counts)), manifest
 
@@ -329,34 +449,50 @@ def _dir_and_name(url: str) -> tuple[str, str]:
 def _from_pattern(
     pattern: str, key: str, storage_options: dict[str, Any], missing_ok: bool
 ) -> tuple[_Split, dict]:
-    """Shard URLs; their counts come from the MANIFEST in the directory of the first one."""
-    urls = expand_urls(pattern, key)
+    """Shard URLs; their counts come from the MANIFEST in each one's directory (the first one's
+    MANIFEST gives shapes and classes)."""
+    urls = expand_urls(pattern, key, missing_ok)
     _check_local(urls, key, missing_ok)
-    try:
-        manifest = read_manifest(_dir_and_name(urls[0])[0], storage_options)
-    except DataError as e:
-        raise DataError(f"config key '{key}': {e}") from None
-    declared = {s["name"]: int(s["samples"]) for info in manifest["splits"].values() for s in info["shards"]}
-    names = [_dir_and_name(u)[1] for u in urls]
-    unknown = [u for u, name in zip(urls, names, strict=True) if name not in declared]
-    if unknown:
-        raise DataError(
-            f"config key '{key}': shard {unknown[0]} is not listed in the MANIFEST.json beside it; "
-            "the data cursor needs each shard's sample count"
-        )
-    counts = [declared[name] for name in names]
-    return _Split(urls, counts, sum(counts)), manifest
+    manifests: dict[str, dict] = {}
+    declared: dict[str, dict[str, int]] = {}  # directory -> shard name -> samples
+    counts = []
+    for url in urls:
+        directory, name = _dir_and_name(url)
+        if directory not in manifests:
+            try:
+                manifests[directory] = manifest = read_manifest(directory, storage_options)
+            except DataError as e:
+                raise DataError(f"config key '{key}': {e}") from None
+            # a MANIFEST with a `root` describes shards elsewhere, not the ones beside it
+            declared[directory] = {
+                s["name"]: int(s["samples"])
+                for info in manifest["splits"].values()
+                for s in info["shards"]
+                if "root" not in manifest
+            }
+        if name not in declared[directory]:
+            raise DataError(
+                f"config key '{key}': shard {url} is not listed in the {MANIFEST} beside it; the data "
+                f"cursor needs each shard's sample count: {HOW_TO_INDEX} and set {key}=DIR"
+            )
+        counts.append(declared[directory][name])
+    return _Split(urls, counts, sum(counts)), manifests[_dir_and_name(urls[0])[0]]
 
 
 def _split(
     location: str, split: str, key: str, storage_options: dict[str, Any], missing_ok: bool
 ) -> tuple[_Split, dict]:
-    if _is_directory(location):
+    if "::" not in location and _is_directory(location):
         return _from_directory(location, split, key, storage_options)
-    if not is_remote(location) and not any(c in location for c in "{}") and not Path(location).exists():
+    if (
+        "::" not in location
+        and not is_remote(location)
+        and not _has_braces(location)
+        and not Path(location.removeprefix("file://")).exists()
+    ):
         raise DataError(
             f"config key '{key}': {location} does not exist. Prepare data with "
-            f"`pipeline data prepare SOURCE --out DIR` and set {key}=DIR"
+            f"`pipeline data prepare SOURCE --out DIR` (or {HOW_TO_INDEX}) and set {key}=DIR"
         )
     return _from_pattern(location, key, storage_options, missing_ok)
 
@@ -403,4 +539,8 @@ def resolve(
         classes=manifest["classes"],
         kind=kind,
         image_size=list(image_size) if image_size is not None and kind == "image" else None,
+        fields=dict(manifest.get("fields") or {}),
+        label_type=manifest.get("label_type", "int"),
+        decode=manifest.get("decode"),
+        indexed=manifest["format"] == FORMAT_INDEXED,
     )

@@ -12,7 +12,7 @@ resume, process j plays local reader (j + rotation) % W, so batches arrive in th
 
 from __future__ import annotations
 
-import random
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,20 +23,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import AugmentConfig, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data import cursor as cur
-from pipeline.data.cache import DECODED, DecodedCache, decoded_bytes
+from pipeline.data.cache import DecodedCache, decoded_bytes
+from pipeline.data.decode import Decoder, decoded_shape
 from pipeline.data.shards import DataError, DataSpec
-from pipeline.data.transforms import (
-    augment,
-    conform,
-    decode_array,
-    decode_image,
-    decode_label,
-    to_tensor,
-)
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 def readers_needed(world_size: int, loader_workers: int) -> int:
@@ -52,11 +43,15 @@ def check_shard_count(spec: DataSpec, world_size: int, loader_workers: int) -> N
             if spec.train_samples
             else ""
         )
+        how = (
+            "write your shards smaller (e.g. a smaller ShardWriter maxcount) and re-run `pipeline data index`"
+            if spec.indexed
+            else "re-run `pipeline data prepare` with smaller shards"
+        )
         raise DataError(
             f"data.train has {len(spec.train_urls)} shard(s) but {world_size} worker(s) x "
-            f"{max(1, loader_workers)} loader process(es) need at least {needed}: re-run "
-            f"`pipeline data prepare` with smaller shards{hint}, or lower cluster.num_workers / "
-            "data.num_workers"
+            f"{max(1, loader_workers)} loader process(es) need at least {needed}: {how}{hint}, or lower "
+            "cluster.num_workers / data.num_workers"
         )
 
 
@@ -67,6 +62,29 @@ def open_shard(url: str, storage_options: dict[str, Any]) -> Any:
 
         return fsspec.open(url, "rb", **storage_options).open()
     return wds.gopen(url.removeprefix("file://"), "rb")
+
+
+def iter_samples(fileobj: Any, url: str) -> Iterator[dict]:
+    """The samples of an open tar stream, lazily, grouped exactly as training reads them; raises on
+    a broken tar (`read_shard` applies the corrupt-data policy instead)."""
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": fileobj}])
+    return wds.tariterators.group_by_keys(files)
+
+
+def first_samples(url: str, storage_options: dict[str, Any], count: int) -> list[dict]:
+    """The first `count` samples of a shard, reading no further than needed."""
+    stream = open_shard(url, storage_options)
+    samples: list[dict] = []
+    try:
+        for sample in iter_samples(stream, url):
+            samples.append(sample)
+            if len(samples) >= count:
+                break
+    finally:
+        # a `pipe:` command cut short may report its broken pipe: not a problem of the data
+        with contextlib.suppress(Exception):
+            stream.close()
+    return samples
 
 
 @dataclass
@@ -165,63 +183,57 @@ def reader_samples(
         epoch += 1
 
 
-@dataclass
-class Decoder:
-    """Encoded sample -> (x, y); raises ValueError naming shard and key."""
+FIRST_SAMPLES = 8  # in skip mode, samples tried before the data is judged unreadable
 
-    spec: DataSpec
-    augment_cfg: AugmentConfig | None
-    seed: int
 
-    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
-        """Decode (once: the result stays in the sample for `DecodedCache`), then augment."""
-        decoded = sample.get(DECODED)
-        if decoded is None:
+def check_first_sample(spec: DataSpec, cfg: DataConfig) -> None:
+    """Decode the first sample of the first train shard before anything starts, as the run will:
+    a wrong field, a missing key or a failing data.decode function is a DataError (exit 2) naming the
+    shard, the expected key and the keys the sample has. With data.on_error=skip, the first sample
+    that decodes among the first few (of the first readable shards) is enough."""
+    if spec.decode and not cfg.decode:
+        raise DataError(
+            f"data.train was indexed with the decode function {spec.decode} (its MANIFEST says so): set "
+            f"data.decode={spec.decode} (a MANIFEST never imports code by itself)"
+        )
+    if cfg.fields.target and spec.label_type is None and not cfg.decode:
+        raise DataError(
+            f"config key 'data.fields.target': the MANIFEST of data.train records no labels; re-run "
+            f"`pipeline data index` with --target {cfg.fields.target}"
+        )
+    decoder = Decoder(spec, None, 0, cfg.fields, cfg.decode)
+    if cfg.decode:
+        decoder.function()  # a wrong import path: ConfigError naming data.decode
+    strict = cfg.on_error == "strict"
+    errors: list[str] = []
+    for url in spec.train_urls:
+        try:
+            samples = first_samples(url, cfg.storage_options, 1 if strict else FIRST_SAMPLES)
+        except Exception as e:  # OSError, tarfile.TarError, webdataset's ValueErrors ...
+            if strict:
+                raise DataError(f"data.train: shard {url} cannot be read: {e}") from None
+            errors.append(f"shard {url} cannot be read: {e}")
+            continue
+        for sample in samples:
             try:
-                decoded = self.decode(sample)
+                value, _ = decoder.decode(sample)
             except ValueError as e:
-                decoded = str(e)  # kept too: a cached bad sample must fail again in every epoch
-            for name in [k for k in sample if not k.startswith("__")]:
-                del sample[name]  # the encoded bytes: a cached shard holds decoded values only
-            sample[DECODED] = decoded
-        if isinstance(decoded, str):
-            raise ValueError(decoded)
-        value, label = decoded
-        if self.spec.kind == "sequence":
-            return value, label
-        if self.augment_cfg is not None and self.augment_cfg.enabled:
-            # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
-            key = sample.get("__key__")
-            value = augment(value, self.augment_cfg, random.Random(f"{self.seed}/{epoch}/{key}"))
-        return to_tensor(value), label
-
-    def decode(self, sample: dict) -> tuple[Any, int]:
-        """The deterministic part: encoded bytes -> (uint8 pixels (H, W[, C]) or normalised sequence
-        tensor, label)."""
-        key, url = sample.get("__key__"), sample.get("__url__")
-        if self.spec.kind == "sequence":
-            return self._sequence(sample, key, url)
-        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if image is None or "cls" not in sample:
-            raise ValueError(
-                f"sample '{key}' in shard {url} has no {'image' if image is None else 'label (.cls)'}"
-            )
-        try:
-            pixels = conform(decode_image(image), self.spec.sample_shape[0], self.spec.image_size)
-            return pixels, decode_label(sample["cls"])
-        except ValueError as e:
-            raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
-
-    def _sequence(self, sample: dict, key: str, url: str) -> tuple[torch.Tensor, int]:
-        if "npy" not in sample or "cls" not in sample:
-            raise ValueError(
-                f"sample '{key}' in shard {url} has no {'.npy' if 'npy' not in sample else 'label'}"
-            )
-        try:
-            values = torch.from_numpy(decode_array(sample["npy"]).astype("float32"))
-            return (values - self.spec.mean[0]) / self.spec.std[0], decode_label(sample["cls"])
-        except ValueError as e:
-            raise ValueError(f"sample '{key}' in shard {url}: {e}") from e
+                if strict:
+                    raise DataError(f"data.train: the first sample cannot be used: {e}") from None
+                errors.append(str(e))
+                continue
+            shape = decoded_shape(value, spec.kind)
+            if spec.sample_shape is not None and shape != list(spec.sample_shape):
+                raise DataError(
+                    f"data.train: sample '{sample['__key__']}' in shard {url} decodes to shape {shape}, "
+                    f"but the MANIFEST says {list(spec.sample_shape)}: re-run `pipeline data index` with "
+                    "the run's data.fields / data.decode (--input/--target/--decode)"
+                )
+            return
+        if len(errors) >= FIRST_SAMPLES:
+            break
+    first = errors[0] if errors else "?"
+    raise DataError(f"data.train: none of the first samples can be used; first: {first}")
 
 
 class ShardStream(IterableDataset):
@@ -387,7 +399,7 @@ class TrainBatches:
             self.layout,
             self.cursor,
             rank,
-            Decoder(spec, cfg.augment, seed),
+            Decoder(spec, cfg.augment, seed, cfg.fields, cfg.decode),
             on_error=cfg.on_error,
             storage_options=cfg.storage_options,
             cache_bytes=int(cfg.cache_mb * 2**20),
@@ -452,7 +464,7 @@ def eval_batches(spec: DataSpec, cfg: DataConfig, rank: int, world_size: int) ->
         layout,
         cursor,
         rank,
-        Decoder(spec, None, 0),
+        Decoder(spec, None, 0, cfg.fields, cfg.decode),
         on_error=cfg.on_error,
         storage_options=cfg.storage_options,
         infinite=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from typing import Any
 
@@ -18,11 +19,16 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_CONVERT = {"P": "RGB", "PA": "RGBA", "1": "L", "LA": "L", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> uint8 array (H, W) or (H, W, C). Raises ValueError on garbage."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if im.mode in _CONVERT:  # palette/bilevel/CMYK files (users' own shards): plain pixels
+                im = im.convert(_CONVERT[im.mode])
             return np.array(im)  # a writable copy (torch.from_numpy warns on read-only arrays)
     except Exception as e:  # Pillow raises several unrelated types for bad bytes
         raise ValueError(f"undecodable image bytes ({len(data)} bytes): {e}") from e
@@ -97,3 +103,107 @@ def decode_array(data: bytes) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise ValueError(f"undecodable .npy bytes ({len(data)} bytes): {e}") from e
+
+
+# --- which keys of a sample are input and target (data.fields) ----------------------------------------
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+INPUT_KEYS = (*IMAGE_EXTS, "npy")  # detected in this order when data.fields.input is not set
+TARGET_KEYS = ("cls", "label", "target")  # ints (ascii), detected in this order
+JSON_TARGET = "json.label"  # detected when no int target key exists
+
+
+def members(sample: dict[str, Any]) -> list[str]:
+    """A sample's member keys (extensions), without webdataset's `__key__`/`__url__`."""
+    return sorted(k for k in sample if not k.startswith("__"))
+
+
+def _by_last_ext(keys: list[str], exts: tuple[str, ...]) -> str | None:
+    """The one key whose last extension is in `exts` (`input.npy` for npy); None if none or several."""
+    found = [k for k in keys if "." in k and k.rsplit(".", 1)[1] in exts]
+    return found[0] if len(found) == 1 else None
+
+
+def find_input_key(sample: dict[str, Any]) -> str | None:
+    """The input's key by convention: png | jpg | jpeg | webp | npy, else the one `*.EXT` of those."""
+    keys = members(sample)
+    return next((k for k in INPUT_KEYS if k in sample), None) or _by_last_ext(keys, INPUT_KEYS)
+
+
+def find_target_key(sample: dict[str, Any]) -> str | None:
+    """The target's key by convention: cls | label | target, else the one `*.cls` (`target.cls`)
+    ..., else `json.label` if the sample's .json has a "label"."""
+    keys = members(sample)
+    found = next((k for k in TARGET_KEYS if k in sample), None) or _by_last_ext(keys, TARGET_KEYS)
+    if found is None and "json" in sample:
+        try:
+            if "label" in json.loads(sample["json"]):
+                return JSON_TARGET
+        except (ValueError, TypeError):
+            pass
+    return found
+
+
+def member_of(sample: dict[str, Any], key: str) -> tuple[str, list[str]]:
+    """(member, JSON field path) a field key names: `cls` -> ('cls', []), `json.label` -> ('json',
+    ['label']) when the sample has no `json.label` member itself, `meta.json.a.b` -> ('meta.json',
+    ['a', 'b'])."""
+    if key in sample:
+        return key, []
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head.endswith("json") and head in sample:
+            return head, parts[cut:]
+    # Missing: name the member the key would come from (for `json.label` that is `json`).
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head.endswith("json"):
+            return head, parts[cut:]
+    return key, []
+
+
+def decode_target(data: bytes, path: list[str]) -> int | str:
+    """A target member's bytes -> an int label, or a class name (str) to look up in the class map.
+    `path`: the field inside a JSON member (e.g. ['label'])."""
+    if path:
+        try:
+            value: Any = json.loads(data)
+            for part in path:
+                value = value[part]
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"label: no field '{'.'.join(path)}' in the JSON {data[:60]!r}") from e
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"label: JSON field '{'.'.join(path)}' is {value!r}, not an int or a class name")
+        return value
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"label is not text: {data[:20]!r}") from e
+    try:
+        return int(text)
+    except ValueError:
+        if not text:
+            raise ValueError("label is empty") from None
+        return text  # a class name
+
+
+def is_image_array(array: np.ndarray) -> bool:
+    """uint8 (H, W) or (H, W, C) with C in 1, 3, 4: pixels, decoded like a png (augment, normalise)."""
+    return array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)))
+
+
+def decode_input(data: bytes, key: str) -> np.ndarray:
+    """An input member's bytes -> array, by the key's last extension: an image (uint8 (H, W[, C]))
+    or `.npy` (any array; a uint8 (H, W[, C]) one is an image, (H, W, 1) squeezed to (H, W))."""
+    ext = key.rsplit(".", 1)[-1]
+    if ext == "npy":
+        array = decode_array(data)
+        if is_image_array(array) and array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        return array
+    if ext in IMAGE_EXTS:
+        return decode_image(data)
+    raise ValueError(
+        f"input '{key}': unknown format '.{ext}' (png, jpg, jpeg, webp or npy; or set data.decode)"
+    )

@@ -11,8 +11,8 @@ import psutil
 from pipeline.launch.plan import Plan, TrainingFailed, prepare_run_dir, worker_payload
 
 __all__ = ["Plan", "TrainingFailed", "train"]
-from pipeline.train import signals
-from pipeline.train.state import new_run_id
+from pipeline.training import signals
+from pipeline.training.state import new_run_id
 
 
 def train(plan: Plan) -> dict[str, Any]:

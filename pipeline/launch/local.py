@@ -17,16 +17,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline import config as config_mod
+from pipeline import imports
 from pipeline.data.shards import DataSpec
 from pipeline.launch.plan import TrainingFailed
 from pipeline.net import free_port
-from pipeline.train import loop
+from pipeline.training import loop
 
 
 def worker(rank: int, world_size: int, port: int, payloads: list[dict[str, Any]], results: Any) -> None:
     """One local rank: join the process group, run each payload in turn (the launcher passes one; the
     dist tests run several recipes per pair of processes), put rank 0's final metrics of each on
     `results` as ("ok", final), or ("error", traceback) and raise, then leave."""
+    for payload in payloads:  # before anything is built: users' modules import as on the driver
+        imports.add_paths(payload.get("module_roots", []))
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

@@ -7,19 +7,23 @@ checked, shards per worker, steps); a failure here is a ConfigError: exit 2, not
 from __future__ import annotations
 
 import os
+import site
 import sys
+import sysconfig
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from pipeline import config as config_mod
-from pipeline import models, tasks
+from pipeline import imports, models, tasks
 from pipeline.checkpoint import commit, store
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
-from pipeline.data.stream import check_shard_count, shards_per_rank
-from pipeline.train import finetune
+from pipeline.data.stream import check_first_sample, check_shard_count, shards_per_rank
+from pipeline.training import finetune
 
 
 class TrainingFailed(RuntimeError):
@@ -100,7 +104,39 @@ def _absolute(cfg: Config) -> Config:
         value = tree["data"][key]
         if value and not shards.is_remote(value):
             tree["data"][key] = os.path.abspath(value)
+    for section, key in USER_CODE_KEYS:  # `path/to/file.py:Name`: absolute; `pkg.mod:Name`: as given
+        if tree[section][key]:
+            tree[section][key] = imports.absolute(tree[section][key])
     return config_mod.from_dict(tree)
+
+
+# The config keys that may name users' code by import path (pipeline/imports.py).
+USER_CODE_KEYS = (("model", "name"), ("task", "name"), ("data", "decode"))
+
+
+def user_code(cfg: Config) -> dict[str, str]:
+    """{config key: import path} of the users' code the config names (model, task, decode function)."""
+    named = {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in USER_CODE_KEYS}
+    return {key: path for key, path in named.items() if path and imports.is_import_path(path)}
+
+
+def installed_dirs() -> set[Path]:
+    """Where installed packages and the standard library live (not users' code to ship)."""
+    dirs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    return {Path(d).resolve() for d in dirs}
+
+
+def user_code_roots(cfg: Config) -> list[str]:
+    """The sys.path entries the users' modules of `cfg` are imported from (imported here first, as the
+    preflight does), which workers put on their own sys.path to import them the same way. Installed
+    packages (site-packages) are left out: every node runs the same environment."""
+    paths = user_code(cfg)
+    for key, path in paths.items():
+        imports.load_object(path, key=key)  # already imported by the preflight: a dict lookup
+    installed = installed_dirs()
+    roots = imports.module_roots(list(paths.values()))
+    return [root for root in roots if not any(Path(root).is_relative_to(d) for d in installed)]
 
 
 def _warn(message: str) -> None:
@@ -133,12 +169,20 @@ def resume_point(cfg: Config) -> Path | None:
 def check_task(cfg: Config, task: Any, model: Any) -> None:
     """That the model has the parts the task trains, and per-engine optimizer keys."""
     try:
-        task.split(model)
+        parts = task.split(model)
     except AttributeError:
         raise ConfigError(
             f"config key 'task.name': task '{cfg.task.name}' trains {', '.join(task.ENGINES)}, which model "
             f"'{cfg.model.name}' does not have (e.g. task gan needs model.name=dcgan)"
         ) from None
+    if not isinstance(parts, dict) or list(parts) != list(task.ENGINES):
+        got = list(parts) if isinstance(parts, dict) else type(parts).__name__
+        raise ConfigError(
+            f"config key 'task.name': {type(task).__name__}.split(model) must return {{engine: module}} "
+            f"for its ENGINES {list(task.ENGINES)}, in that order; it returned {got}"
+        )
+    if not all(isinstance(part, nn.Module) for part in parts.values()):
+        raise ConfigError(f"config key 'task.name': {type(task).__name__}.split(model) returned a non-module")
     for engine in cfg.task.optim:
         if engine not in task.ENGINES:
             raise ConfigError(
@@ -165,6 +209,7 @@ def make_plan(cfg: Config) -> Plan:
         image_size=cfg.data.image_size,
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
+    check_first_sample(spec, cfg.data)  # a wrong data.fields / data.decode fails here: exit 2
     task = tasks.build(cfg.task.name, cfg.task.args)
     model = models.build(
         cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
@@ -194,4 +239,7 @@ def worker_payload(plan: Plan, run_id: str) -> dict[str, Any]:
         "run_id": run_id,
         "launch_id": uuid.uuid4().hex,  # tells a Ray restart of the same launch from a new launch
         "resume_from": str(plan.resume_from.resolve()) if plan.resume_from else None,
+        # where the driver found the users' modules: every worker imports them from there (another
+        # cwd, a notebook's sys.path that Ray workers do not inherit)
+        "module_roots": user_code_roots(plan.cfg),
     }

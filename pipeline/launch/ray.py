@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import tracking
+from pipeline import imports, tracking
 from pipeline.data.shards import DataSpec
-from pipeline.launch.plan import TrainingFailed
-from pipeline.train import loop
+from pipeline.launch.plan import TrainingFailed, installed_dirs, user_code
+from pipeline.training import loop
 
 DEFAULT_LOCAL_NODE_IP = "127.0.0.2"
 
@@ -41,6 +41,9 @@ def _train_fn(payload: dict[str, Any]) -> None:
     import ray.util
     import torch
 
+    # Before anything is built: users' modules import from where the driver found them (Ray workers
+    # start in another cwd and do not inherit the driver's sys.path, e.g. a notebook's).
+    imports.add_paths(payload.get("module_roots", []))
     ctx = ray.train.get_context()
     if not tracking.verbose():
         _quiet_worker_console()
@@ -269,17 +272,96 @@ def _job_env_vars() -> dict[str, str]:
     }
 
 
-def submit_job(cfg: config_mod.Config, address: str, wait: bool, out: Any, poll_s: float = 1.0) -> int:
+def _is_file_path(module: str) -> bool:
+    # as pipeline.imports tells a file import path from a module path
+    return module.endswith(".py") or "/" in module or "\\" in module
+
+
+def _module_source(path: str, key: str) -> Path | None:
+    """The package dir (or single-module .py file) that holds the module of import path `path`, as
+    imported here; None for this package's own modules (the job's working dir has them)."""
+    imports.load_object(path, key=key)  # imported by the preflight already: a dict lookup
+    top = path.rpartition(":")[0].split(".")[0]
+    module = sys.modules[top]
+    if top == "pipeline":
+        return None
+    locations = list(getattr(module, "__path__", []))
+    if len(locations) > 1 or (not locations and getattr(module, "__file__", None) is None):
+        raise config_mod.ConfigError(
+            f"config key '{key}': '{top}' is a namespace package spread over several directories; "
+            "ship its parts with --py-modules DIR"
+        )
+    return Path(locations[0] if locations else module.__file__).resolve()
+
+
+def job_code(
+    cfg: config_mod.Config, extra: list[str], staging: Path, out: Any
+) -> tuple[config_mod.Config, list[str]]:
+    """What a Ray job ships besides this package, for workers on every node to import (Ray's runtime
+    env `py_modules`): the package or module of each import path in the config, each `file.py:Name`
+    wrapped into a package of its own (the config then names `_pipeline_file_<hash>.<stem>:Name`, so
+    no cluster path is assumed and no stdlib module is shadowed), and the `extra` paths
+    (`--py-modules`: package dirs, .py files or wheels). Returns (the config to submit, py_modules)."""
+    import hashlib
+
+    tree = cfg.to_dict()
+    shipped: list[str] = []
+    installed = installed_dirs()
+    for key, path in user_code(cfg).items():
+        module, _, attr = path.rpartition(":")
+        section, _, field = key.partition(".")
+        if _is_file_path(module):
+            source = Path(module).resolve()
+            package = f"_pipeline_file_{hashlib.sha256(str(source).encode()).hexdigest()[:10]}"
+            stem = re.sub(r"\W", "_", source.stem)
+            stem = stem if stem[:1].isalpha() else f"m_{stem}"
+            wrapped = staging / "py_modules" / package
+            wrapped.mkdir(parents=True, exist_ok=True)
+            (wrapped / "__init__.py").write_text("")
+            shutil.copyfile(source, wrapped / f"{stem}.py")
+            tree[section][field] = f"{package}.{stem}:{attr}"
+            where = wrapped
+        else:
+            found = _module_source(path, key)
+            if found is None:
+                continue
+            if any(found.is_relative_to(d) for d in installed):
+                out.write(
+                    f"note: {key}={path} comes from an installed package ({found}), not shipped: "
+                    "the cluster's environment must have it (or pass --py-modules)\n"
+                )
+                continue
+            where = found
+        if str(where) not in shipped:
+            shipped.append(str(where))
+    for item in extra:
+        extra_path = Path(item).expanduser().resolve()
+        if not (extra_path.is_dir() or (extra_path.suffix in (".py", ".whl") and extra_path.is_file())):
+            raise config_mod.ConfigError(
+                f"--py-modules {item}: not a package directory, .py file or .whl file"
+            )
+        if str(extra_path) not in shipped:
+            shipped.append(str(extra_path))
+    return config_mod.from_dict(tree), shipped
+
+
+def submit_job(
+    cfg: config_mod.Config,
+    address: str,
+    wait: bool,
+    out: Any,
+    poll_s: float = 1.0,
+    py_modules: list[str] | None = None,
+) -> int:
     """Submit `pipeline train` for `cfg` (a plan's config: local paths absolute, see plan._absolute)
     to the Ray cluster at `address` (its dashboard URL); with
     `wait`, print its logs until it ends. Returns the exit code to leave with: the driver's (75 for a
-    preempted run), else 0 for SUCCEEDED and 1 otherwise.
+    preempted run), else 0 for SUCCEEDED and 1 otherwise. The users' code the config names and
+    `py_modules` travel with the job (`job_code`).
 
     Re-submitting the same run (same name and run dir) attaches to its job while that one is active;
     after it ended (failed, stopped or done), the old job record is replaced and the new job resumes
     from the checkpoints in the run dir (`resume=auto`), with the same W&B run."""
-    import shutil
-
     # Clusters from `ray start` want the token (Ray >= 2.52); Ray reads the mode when it is imported.
     if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -297,19 +379,27 @@ def submit_job(cfg: config_mod.Config, address: str, wait: bool, out: Any, poll_
         if previous is not None:
             out.write(f"job {job_id} ended {previous.status} before: submitting it again (it resumes)\n")
             client.delete_job(job_id)
-        with tempfile.TemporaryDirectory(prefix="pipeline-job-") as staging:
+        with tempfile.TemporaryDirectory(prefix="pipeline-job-") as staging_root:
             # The job's working dir: this package's code and the config snapshot, nothing else
             # (Ray uploads it; data and checkpoints stay where the config's paths point).
+            staging = Path(staging_root) / "job"
             shutil.copytree(
                 Path(__file__).resolve().parents[1],
-                Path(staging) / "pipeline",
+                staging / "pipeline",
                 ignore=shutil.ignore_patterns("__pycache__"),
             )
-            Path(staging, "config.yaml").write_text(config_mod.dump_yaml(cfg))
+            job_cfg, modules = job_code(cfg, py_modules or [], Path(staging_root), out)
+            (staging / "config.yaml").write_text(config_mod.dump_yaml(job_cfg))
+            runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": _job_env_vars()}
+            if modules:
+                # Ray unpacks them on every node and puts them on the job's (driver's and workers')
+                # Python path: users' modules import the same everywhere
+                runtime_env["py_modules"] = modules
+                out.write(f"shipping your code with the job: {', '.join(modules)}\n")
             client.submit_job(
                 entrypoint="python -m pipeline train config.yaml cluster.address=auto",
                 submission_id=job_id,
-                runtime_env={"working_dir": staging, "env_vars": _job_env_vars()},
+                runtime_env=runtime_env,
                 metadata={"run_dir": str(cfg.resolved_run_dir), "name": cfg.name},
             )
         out.write(f"submitted Ray job {job_id} to {address}; run dir {cfg.resolved_run_dir}\n")

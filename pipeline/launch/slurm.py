@@ -93,9 +93,33 @@ def paths(cfg: Config) -> tuple[Path, Path, Path]:
     return slurm_dir / "config.yaml", slurm_dir / "job.sbatch", slurm_dir / "job-%j.out"
 
 
+def code_roots(cfg: Config) -> list[str]:
+    """The directories the users' modules of `cfg` are imported from (plan.user_code_roots). A Slurm
+    job imports them from there on every node: they must be on a filesystem all nodes see, at the
+    same path (nothing is copied, unlike `pipeline submit ray`)."""
+    from pipeline.launch.plan import user_code_roots
+
+    roots = user_code_roots(cfg)
+    for root in roots:
+        if ":" in root:  # the PYTHONPATH separator
+            raise ConfigError(f"your code's directory {root} contains ':', which PYTHONPATH cannot hold")
+    return roots
+
+
+def _pythonpath_lines(roots: list[str]) -> list[str]:
+    if not roots:
+        return []
+    return [
+        "# your code (the config's import paths), from the shared filesystem, on every node",
+        f"export PYTHONPATH={shlex.quote(':'.join(roots))}${{PYTHONPATH:+:$PYTHONPATH}}",
+    ]
+
+
 def render(cfg: Config, workdir: Path) -> str:
     """The batch script for `cfg`. It trains from the config snapshot written at submission (paths()),
-    so editing the YAML while the job waits or between requeues changes nothing."""
+    so editing the YAML while the job waits or between requeues changes nothing. The users' modules
+    the config names are put on PYTHONPATH (`code_roots`) after the `slurm.setup` lines, for the Ray
+    nodes (`srun` passes the environment on) and the driver."""
     if cfg.cluster.launcher != "ray":
         raise ConfigError("pipeline submit slurm runs Ray-on-Slurm: set cluster.launcher=ray")
     if not TEMPLATE.is_file():
@@ -106,7 +130,7 @@ def render(cfg: Config, workdir: Path) -> str:
         "sbatch_lines": "\n".join(sbatch_lines(cfg, log_path)),
         "signal_lead_s": str(cfg.slurm.signal_lead_s),
         "workdir": shlex.quote(str(workdir.resolve())),
-        "setup": "\n".join(cfg.slurm.setup),
+        "setup": "\n".join([*cfg.slurm.setup, *_pythonpath_lines(code_roots(cfg))]),
         "python": shlex.quote(python),
         "node_ip": shlex.quote(cfg.cluster.node_ip or ""),
         "gpus_per_node": str(cfg.slurm.gpus_per_node),

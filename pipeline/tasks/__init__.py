@@ -1,11 +1,14 @@
 """Tasks: how a batch becomes losses, updates and metrics (pure torch; no DeepSpeed, no collectives
-of their own). The protocol is `pipeline.tasks.base` (`Task`, `Step`); this module is the registry."""
+of their own). The protocol is `pipeline.tasks.base` (`Task`, `Step`), public as `pipeline.Task`;
+this module resolves `task.name` (a built-in name or a user's import path) and `task.args`."""
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
+from pipeline import imports
 from pipeline.config import ConfigError
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify import ClassifyTask
@@ -21,26 +24,71 @@ REGISTRY: dict[str, type[Task]] = {
     "gan": GanTask,
 }
 
+# What a task class must define beyond the base class (the base raises NotImplementedError).
+_REQUIRED = ("train_step", "eval_sums", "eval_metrics")
 
-def build(name: str, args: dict[str, Any]) -> Task:
-    """The task `task.name` with `task.args`, validated (errors name the key)."""
+
+def task_class(name: str) -> type[Task]:
+    """The class `task.name` names: a built-in task, or a `pipeline.Task` subclass by import path,
+    checked against the protocol (ConfigError naming the key otherwise)."""
+    if imports.is_import_path(name):
+        cls = imports.load_class(name, key="task.name", base=Task, what="pipeline.Task")
+        check_protocol(cls, where=f"config key 'task.name': '{name}'")
+        return cls
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"config key 'task.name': unknown task '{name}'{hint} (known: {', '.join(REGISTRY)})"
+            f"config key 'task.name': unknown task '{name}'{hint} (known: {', '.join(REGISTRY)}; "
+            "or your own pipeline.Task subclass as 'package.module:Class' or 'path/to/file.py:Class')"
         )
-    cls = REGISTRY[name]
-    for key in args:
-        if key not in cls.ARGS:
-            close = difflib.get_close_matches(key, cls.ARGS, n=1)
+    return REGISTRY[name]
+
+
+def check_protocol(cls: type[Task], *, where: str) -> None:
+    """What the loop relies on, checked before any worker starts."""
+    missing = [m for m in _REQUIRED if getattr(cls, m) is getattr(Task, m)]
+    if missing:
+        raise ConfigError(f"{where} does not define {', '.join(missing)} (see pipeline.Task)")
+    engines = cls.ENGINES
+    if not engines or not isinstance(engines, tuple) or not all(isinstance(e, str) for e in engines):
+        raise ConfigError(f"{where}: ENGINES must be a non-empty tuple of engine names, got {engines!r}")
+    if not isinstance(cls.EVAL_SUMS, int) or cls.EVAL_SUMS < 1:
+        raise ConfigError(f"{where}: EVAL_SUMS must be the (positive) length of eval_sums' vector")
+    if cls.best_mode not in ("max", "min"):
+        raise ConfigError(f"{where}: best_mode must be 'max' or 'min', got {cls.best_mode!r}")
+
+
+def _accepted_args(cls: type[Task]) -> list[str] | None:
+    """The constructor's keyword parameters; None when it takes **kwargs (anything goes)."""
+    if cls.__init__ is object.__init__:  # no constructor of its own: no arguments
+        return []
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def build(name: str, args: dict[str, Any]) -> Task:
+    """The task `task.name` with `task.args` (its constructor's keyword arguments), validated: errors
+    name the key."""
+    cls = task_class(name)
+    accepted = _accepted_args(cls)
+    for key in args if accepted is not None else ():
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
             hint = (
                 f"; did you mean 'task.args.{close[0]}'?"
                 if close
-                else f"; valid: {', '.join(cls.ARGS) or 'none'}"
+                else f"; valid: {', '.join(accepted) or 'none'}"
             )
             raise ConfigError(f"unknown config key 'task.args.{key}' for task '{name}'{hint}")
     try:
         return cls(**args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'task.args': {e}") from e
+    except Exception as e:  # a user's constructor may raise anything: still a config problem
+        raise ConfigError(
+            f"config key 'task.args': {cls.__name__}(**{args}) raised {type(e).__name__}: {e}"
+        ) from e

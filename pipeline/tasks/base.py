@@ -1,21 +1,32 @@
-"""The task protocol: how a batch becomes losses, updates and metrics (pure torch; no DeepSpeed).
+"""The task protocol, public as `pipeline.Task`: how a batch becomes losses, updates and metrics.
 
-A task is a `Task` subclass. Per micro-batch the loop calls `task.train_step(step)` with a `Step`:
-the batch (`step.x`, `step.y`), the optimizer step number (`step.number`), the models by engine name
-(`step.models`: call one for its forward, `.module` is the plain `nn.Module`) and one way to change
-weights, `step.update(name, loss)`. `update` is where every rank agrees (one tiny all-reduce) that
-the loss is finite everywhere before anything changes: a rank that stepped alone would deadlock ZeRO's
-collectives. The models offer no backward or step of their own, so a task cannot update without that
-agreement; when `update` returns False the step is skipped on every rank and the task should return
-at once. A task that calls `update` the same number of times on every rank (its decisions depend on
-agreed values only) keeps every collective in step.
+A task is a `Task` subclass (pure torch: no DeepSpeed, no collectives of its own); name a built-in
+one (`task.name: classify`) or yours (`task.name: mypkg.tasks:MyTask`, constructed with `task.args`
+as keyword arguments). The loop owns everything distributed; the task says what to compute:
 
-    task.split(model)                 -> {engine name: module}; each becomes one DeepSpeed engine
-    task.train_step(step)             -> {loss name: scalar tensor} ("loss" is the main one)
-    task.eval_sums(models, x, y)      -> 1-D tensor of sums (all-reduced over batches and ranks)
-    task.eval_metrics(sums)           -> {"eval/...": float}
-    task.grid(models, fixed_x)        -> images to show (N, C, H, W) in the data's normalised space, or None
-    task.sample_images(models, z_rng, count) -> generated images (N, C, H, W), or None (no generator)
+    ENGINES = ("model",)              engine names; each becomes one DeepSpeed engine (own optimizer,
+                                      LR schedule, ZeRO state), all checkpointed and resumed together
+    split(model)                      -> {engine name: nn.Module}: the parts of the built model
+    train_step(step: Step)            -> {name: scalar tensor}, logged as train/<name> ("loss": main)
+    EVAL_SUMS = n; eval_sums(models, x, y) -> 1-D tensor of n sums over one val batch (all-reduced
+                                      over batches and ranks by the loop)
+    eval_metrics(sums)                -> {"eval/...": float} from the summed vector
+    best_metric, best_mode            the eval metric `checkpoint.keep_best` and `Result.best` rank by
+    needs_labels, normalization(), num_outputs(), grid(), sample_images(), eval_dummy(): see below
+
+Per micro-batch the loop calls `task.train_step(step)` with a `Step`: the batch (`step.x`, `step.y`),
+the optimizer step number (`step.number`), the models by engine name (`step.models`: call one for its
+forward, `.module` is the plain `nn.Module`) and one way to change weights, `step.update(name, loss)`.
+`update` is where every rank agrees (one tiny all-reduce) that the loss is finite everywhere before
+anything changes: a rank that stepped alone would deadlock ZeRO's collectives. The models offer no
+backward or step of their own, so a task cannot update without that agreement; when `update` returns
+False the step is skipped on every rank and the task should return at once. Call `update` the same
+number of times, for the same engines in the same order, on every rank (decide on agreed values
+only: `step.skipped`, `update`'s result): the agreement checks this and stops the run with a clear
+error otherwise, instead of hanging. A loss that reaches another engine's parameters (a GAN's
+generator loss through the discriminator) goes through that engine's `.module` with its parameters'
+`requires_grad` off, so only the updated engine computes gradients (see tasks/gan.py).
+Randomness (noise, mixup, masks) drawn from torch's global RNG is restored exactly on resume.
 """
 
 from __future__ import annotations
@@ -30,9 +41,11 @@ from torch import nn
 class Agree(Protocol):
     """The loop's per-update collective: every rank calls it once per `Step.update`."""
 
-    def start(self, loss: torch.Tensor) -> Callable[[], bool]:
+    def start(self, loss: torch.Tensor, *, update: int = 0, engine: int = -1) -> Callable[[], bool]:
         """Start the agreement on `loss` (an all-reduce in the background); call the result for the
-        answer: True when the loss is finite on every rank (and no injected fault says otherwise)."""
+        answer: True when the loss is finite on every rank (and no injected fault says otherwise).
+        `update` (1, 2 ... within the micro-batch) and `engine` (its index in ENGINES) must be the
+        same on every rank; the answer raises if they are not."""
         ...
 
 
@@ -97,20 +110,25 @@ class Step:
         and waiting there cost 2-3.6 ms of a 50-60 ms CNN step on 2 cores. Elsewhere (ZeRO-1/2/3 keep
         reduced gradient partitions inside DeepSpeed; with accumulation the other micro-batches'
         gradients are kept) it is agreed before backward."""
+        if engine not in self._engines:
+            raise KeyError(
+                f"step.update: no engine {engine!r}; the task's engines: {', '.join(self._engines)}"
+            )
         target = self._engines[engine]
         self.updates += 1
+        tag = {"update": self.updates, "engine": list(self._engines).index(engine)}
         if self.skipped:  # an earlier update of this step was skipped: agree again, change nothing
-            self._agree.start(loss)()
+            self._agree.start(loss, **tag)()
             return False
         if target.can_discard_grads:
-            agreed = self._agree.start(loss)
+            agreed = self._agree.start(loss, **tag)
             target.backward(loss)  # every rank runs it (a non-finite loss too): collectives stay matched
             if not agreed():
                 target.discard_grads()
                 self.skipped = True
                 return False
         else:
-            if not self._agree.start(loss)():
+            if not self._agree.start(loss, **tag)():
                 self.skipped = True
                 return False
             target.backward(loss)
@@ -119,9 +137,9 @@ class Step:
 
 
 class Task:
-    """Defaults for a single-engine task named "model"."""
+    """The base of every task: defaults for a single-engine task named "model" (see the module doc).
+    Subclasses define `train_step`, `eval_sums` (and `EVAL_SUMS`) and `eval_metrics`."""
 
-    ARGS: tuple[str, ...] = ()  # accepted task.args keys (constructor keyword arguments)
     EVAL_SUMS = 0  # length of the eval_sums vector
     ENGINES: tuple[str, ...] = ("model",)
     best_metric = "eval/accuracy"

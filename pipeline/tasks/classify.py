@@ -15,7 +15,6 @@ from pipeline.tasks.base import Model, Step, Task
 
 
 class ClassifyTask(Task):
-    ARGS = ("top_k", "label_smoothing")
     EVAL_SUMS = 4
 
     def __init__(self, top_k: int = 5, label_smoothing: float = 0.0) -> None:

@@ -22,7 +22,6 @@ def latent_dim_of(generator: Any) -> int:
 
 
 class GanTask(Task):
-    ARGS = ("grid_size", "real_label")
     EVAL_SUMS = 3
     ENGINES = ("generator", "discriminator")
     best_metric = "eval/digit_score"

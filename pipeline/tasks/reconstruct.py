@@ -12,7 +12,6 @@ from pipeline.tasks.base import Model, Step, Task
 
 
 class AutoencoderTask(Task):
-    ARGS = ("noise_std",)
     EVAL_SUMS = 3
     best_metric = "eval/recon_mse"
     best_mode = "min"
@@ -56,7 +55,6 @@ class VaeTask(AutoencoderTask):
     + beta * KL(q(z|x) || N(0, I)), beta rising linearly from 0 over `kl_warmup_steps` (avoids the
     posterior collapsing before the decoder has learnt anything)."""
 
-    ARGS = ("kl_warmup_steps", "beta")
     EVAL_SUMS = 4
 
     def __init__(self, kl_warmup_steps: int = 0, beta: float = 1.0) -> None:

@@ -17,7 +17,6 @@ from pipeline.tensors import as_sequence
 
 
 class NextStepTask(Task):
-    ARGS = ()
     EVAL_SUMS = 3
     best_metric = "eval/next_step_mse"
     best_mode = "min"

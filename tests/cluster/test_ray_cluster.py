@@ -1,7 +1,8 @@
 """`pipeline submit ray` against a real 2-node Ray cluster on loopback (cluster/local-2node.sh: head
 127.0.0.2, worker 127.0.0.3): the smoke recipe trains on both nodes; re-submitting attaches to a
 running job and restarts a failed one, which resumes; a killed worker raylet costs a restart from the
-last checkpoint, not the run."""
+last checkpoint, not the run; a user's package and file, importable only on the submitting machine,
+travel with the job and train on both nodes."""
 
 import os
 import re
@@ -129,3 +130,32 @@ def test_killing_the_worker_nodes_raylet_costs_a_restart_not_the_run(cluster, di
     assert restart["attempt"] == 1 and resume["from_step"] >= 100  # the last commit before the kill
     steps = [m["step"] for m in read_jsonl(metrics) if "train/loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 600  # resumed, never logged twice
+
+
+@pytest.mark.timeout(600)
+def test_users_code_travels_with_the_job_to_both_nodes(cluster, digits_dir, tmp_path):
+    """The model by module path (its package `userpkg` is on the submitter's PYTHONPATH only), the
+    task by file path: the nodes' Python has neither; the job ships both (Ray's py_modules)."""
+    userpkg = REPO / "tests" / "userpkg"
+    run_dir = tmp_path / "run"
+    args = submit_args(
+        cluster,
+        digits_dir,
+        run_dir,
+        "model.name=userpkg.models:TinyNet",
+        "model.args={hidden: 32}",
+        f"task.name={userpkg / 'userpkg' / 'tasks.py'}:SmoothClassify",
+        "train.max_steps=40",
+        "train.eval_every=0",
+        "optim.warmup_steps=4",
+    )
+    proc = submit(cluster, *args, env={"PYTHONPATH": str(userpkg)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shipped = re.search(r"shipping your code with the job: (.*)", proc.stdout).group(1).split(", ")
+    assert str(userpkg / "userpkg") in shipped and any("_pipeline_file_" in m for m in shipped)
+    (start,) = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "start"]
+    assert sorted(set(start["nodes"])) == ["127.0.0.2", "127.0.0.3"]  # each node built the user's model
+    ran = (run_dir / "config.yaml").read_text()
+    assert "name: userpkg.models:TinyNet" in ran and "name: _pipeline_file_" in ran  # the wrapped file
+    final = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    assert final["step"] == 40 and 0 < final["eval/confidence"] <= 1  # the user's task's own metric

@@ -25,7 +25,7 @@ def _probe(payload, faults, results):
     """One worker (world size 1): run the loop until it raises, then report what is still open."""
     import psutil
 
-    from pipeline.train import loop
+    from pipeline.training import loop
 
     port = free_port()
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PIPELINE_FAULTS": faults}

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import bench
 from pipeline.bench import BENCHMARKS, BenchError, format_table, median, row
-from pipeline.train.telemetry import startup_phases
+from pipeline.training.telemetry import startup_phases
 from tests.helpers import run_cli
 
 

@@ -14,13 +14,13 @@ from pipeline import config, tasks
 from pipeline.data.shards import DataSpec
 from pipeline.data.stream import Batch
 from pipeline.tasks.base import Step, Task
-from pipeline.train.agreement import Agreement, Flags
-from pipeline.train.build import RunContext, WorkerEnv
-from pipeline.train.checkpoint_policy import CheckpointPolicy
-from pipeline.train.faults import Faults
-from pipeline.train.loop import NonFiniteLoss, train_step
-from pipeline.train.meter import DataCounters, Meter, TooManyBadSamples
-from pipeline.train.state import TrainState
+from pipeline.training.agreement import Agreement, Flags
+from pipeline.training.build import RunContext, WorkerEnv
+from pipeline.training.checkpoint_policy import CheckpointPolicy
+from pipeline.training.faults import Faults
+from pipeline.training.loop import NonFiniteLoss, train_step
+from pipeline.training.meter import DataCounters, Meter, TooManyBadSamples
+from pipeline.training.state import TrainState
 
 
 class FakeEngine:
@@ -204,8 +204,9 @@ def test_step_update_skips_every_later_update_of_a_skipped_step():
     class Count:
         calls = 0
 
-        def start(self, loss):
+        def start(self, loss, *, update=0, engine=-1):
             Count.calls += 1
+            assert (update, engine) == (Count.calls, 0)  # which update of the micro-batch, which engine
             return lambda: bool(torch.isfinite(loss))
 
     io = Step(x=torch.zeros(1, 3), y=torch.zeros(1), number=1, engines={"m": engine}, agree=Count())
@@ -213,6 +214,23 @@ def test_step_update_skips_every_later_update_of_a_skipped_step():
     assert io.update("m", torch.tensor(1.0)) is False  # agreed again (all ranks do), changes nothing
     assert Count.calls == 2 and engine.micro_steps == 0 and io.updates == 2
     assert not hasattr(io.models["m"], "backward")  # task code cannot step an engine around update
+
+
+def test_the_agreement_stops_a_task_whose_ranks_update_differently(monkeypatch, tmp_path):
+    """What the all-reduce returns when rank A is at its 2nd update and rank B at its 1st: the max of
+    (update, -update, engine, -engine) gives both extremes, and every rank raises the same error."""
+    from pipeline.training import agreement as agreement_mod
+
+    def max_over_ranks(local, op):
+        other = local.clone()
+        other[3:] = torch.tensor([1.0, -1.0, 0.0, -0.0])  # the other rank: update #1 of engine 0
+        return lambda: torch.maximum(local, other)
+
+    monkeypatch.setattr(agreement_mod.collectives, "all_reduce_async", max_over_ranks)
+    agree = Agreement(faults=Faults(tmp_path, 0), stop_requested=lambda: False, writes_busy=lambda: False)
+    assert agree.start(torch.tensor(1.0), update=1, engine=0)() is True
+    with pytest.raises(agreement_mod.DivergedUpdates, match=r"update #1-#2.*same number of times"):
+        agree.start(torch.tensor(1.0), update=2, engine=0)()
 
 
 def test_bad_samples_past_the_budget_raise_on_sync(tmp_path):

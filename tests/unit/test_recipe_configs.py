@@ -9,6 +9,7 @@ from pipeline.launch.plan import make_plan
 from tests.helpers import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+EXAMPLE = REPO / "examples" / "myproject"
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,16 @@ def overrides_for(path, digits_dir, mnist_dir, run_dir):
     cfg = config.load(path)
     data = mnist_dir if "mnist" in cfg.data.train else digits_dir
     extra = ["init_from.path=null"] if cfg.init_from.path else []
+    if cfg.data.decode:  # the example project's own format: tests/integration/test_example_project.py
+        extra.append("data.decode=null")
     return [f"data.train={data}", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(autouse=True)
+def example_project_importable(monkeypatch):
+    """configs/example-myproject.yaml names the user project's classes (README: PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLE))
 
 
 def test_there_is_a_config_per_recipe():

@@ -3,6 +3,7 @@
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,42 @@ def test_render_uses_the_configured_node_ip_and_python(tmp_path):
     assert "HEAD_IP=127.0.0.2" in script and "PY=/opt/py/bin/python" in script
     with pytest.raises(ValueError):
         slurm.job_ports(-1)
+
+
+def test_users_code_is_put_on_pythonpath_quoted(tmp_path, monkeypatch):
+    code = tmp_path / "my code; rm -rf ~"  # a directory name the shell must not interpret
+    code.mkdir()
+    (code / "mydecode_for_slurm.py").write_text("def decode(sample):\n    return sample\n")
+    monkeypatch.syspath_prepend(str(code))
+    cfg = config.load(SMOKE, [f"run_dir={tmp_path / 'run'}", "data.decode=mydecode_for_slurm:decode"])
+    script = slurm.render(cfg, tmp_path)
+    (line,) = [x for x in script.splitlines() if x.startswith("export PYTHONPATH=")]
+    assert line == f"export PYTHONPATH='{code}'${{PYTHONPATH:+:$PYTHONPATH}}"
+    shown = subprocess.run(
+        ["bash", "-c", f'set -u; unset PYTHONPATH; {line}; printf %s "$PYTHONPATH"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == str(code)
+    assert "PYTHONPATH" not in slurm.render(config.load(SMOKE, [f"run_dir={tmp_path}"]), tmp_path)
+    sys.modules.pop("mydecode_for_slurm", None)
+
+
+def test_the_dry_run_names_the_directories_every_node_must_see(digits_dir, tmp_path):
+    userpkg = Path(__file__).resolve().parents[1] / "userpkg"
+    result = run_cli(
+        "submit",
+        "slurm",
+        SMOKE,
+        f"data.train={digits_dir}",
+        f"run_dir={tmp_path / 'run'}",
+        "model.name=userpkg.models:TinyNet",
+        "model.args={}",
+        "task.name=userpkg.tasks:SmoothClassify",
+        "--dry-run",
+        env={"PYTHONPATH": str(userpkg)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"export PYTHONPATH={userpkg}${{PYTHONPATH:+:$PYTHONPATH}}" in result.stdout
+    assert f"your code from {userpkg} on every node" in result.stderr and "all nodes share" in result.stderr

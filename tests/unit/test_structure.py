@@ -4,7 +4,7 @@ called with keywords, and a loop that knows no task (tasks plug in through `pipe
 import ast
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parents[2] / "pipeline" / "train"
+TRAIN = Path(__file__).resolve().parents[2] / "pipeline" / "training"
 
 
 def functions(path: Path):

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.checkpoint import commit, store, universal
 from pipeline.config import Config
-from pipeline.train import collectives
+from pipeline.training import collectives
 
 
 def agree_resume_point(cfg: Config, given: str | None, is_rank0: bool) -> str | None:

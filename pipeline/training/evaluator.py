@@ -24,8 +24,8 @@ from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import normalize
 from pipeline.engine import choose_precision, native_bf16
 from pipeline.tasks.base import Model, Task, forward_only
-from pipeline.train import collectives
-from pipeline.train.state import TrainState
+from pipeline.training import collectives
+from pipeline.training.state import TrainState
 
 
 def val_metrics(
@@ -79,7 +79,15 @@ class Evaluator:
         self.score_samples = cfg.task.score_samples
 
     def evaluate(self, step: int, state: TrainState) -> dict[str, float]:
-        """Collective: every metric of this step; `state.best` keeps the task's best metric."""
+        """Collective: every metric of this step; `state.best` keeps the task's best metric. The
+        global RNG comes out as it went in (the val DataLoader draws its seed from it), so evaluating
+        changes nothing the training stream or a checkpoint's RNG state sees: a run evaluated at step
+        N and one that was not continue identically."""
+        cuda = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda):
+            return self._evaluate(step, state)
+
+    def _evaluate(self, step: int, state: TrainState) -> dict[str, float]:
         for engine in self.engines.values():
             collectives.average_buffers(engine.module)  # DeepSpeed never syncs BatchNorm statistics
             engine.train(False)

@@ -19,11 +19,11 @@ from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
-from pipeline.train import collectives
-from pipeline.train.faults import Faults
-from pipeline.train.meter import DataCounters
-from pipeline.train.resume import rng_state
-from pipeline.train.state import TrainState
+from pipeline.training import collectives
+from pipeline.training.faults import Faults
+from pipeline.training.meter import DataCounters
+from pipeline.training.resume import rng_state
+from pipeline.training.state import TrainState
 
 
 class CheckpointPolicy:

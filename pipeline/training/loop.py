@@ -18,11 +18,11 @@ from pipeline.config import Config
 from pipeline.data.shards import DataSpec
 from pipeline.data.transforms import normalize
 from pipeline.tasks.base import Step
-from pipeline.train import telemetry
-from pipeline.train.agreement import Flags
-from pipeline.train.build import RunContext, WorkerEnv, build_run
-from pipeline.train.checkpoint_policy import weights_checksum
-from pipeline.train.meter import TooManyBadSamples
+from pipeline.training import telemetry
+from pipeline.training.agreement import Flags
+from pipeline.training.build import RunContext, WorkerEnv, build_run
+from pipeline.training.checkpoint_policy import weights_checksum
+from pipeline.training.meter import TooManyBadSamples
 
 __all__ = ["NonFiniteLoss", "TooManyBadSamples", "WorkerEnv", "due", "run", "train_step"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from pipeline.data.stream import Batch
-from pipeline.train import collectives
-from pipeline.train.state import TrainState
+from pipeline.training import collectives
+from pipeline.training.state import TrainState
 
 
 class TooManyBadSamples(RuntimeError):

@@ -28,14 +28,14 @@ from pipeline.data.stream import Batch, TrainBatches
 from pipeline.engine import Engine, build_engine, choose_precision, forced_bf16_warning, native_bf16
 from pipeline.tasks.base import Task
 from pipeline.tracking import JsonlWriter, make_tracker
-from pipeline.train import collectives, finetune, resume, telemetry
-from pipeline.train.agreement import Agreement
-from pipeline.train.checkpoint_policy import CheckpointPolicy, weights_checksum
-from pipeline.train.evaluator import Evaluator
-from pipeline.train.faults import Faults
-from pipeline.train.meter import DataCounters, Meter
-from pipeline.train.signals import StopRequest
-from pipeline.train.state import TrainState
+from pipeline.training import collectives, finetune, resume, telemetry
+from pipeline.training.agreement import Agreement
+from pipeline.training.checkpoint_policy import CheckpointPolicy, weights_checksum
+from pipeline.training.evaluator import Evaluator
+from pipeline.training.faults import Faults
+from pipeline.training.meter import DataCounters, Meter
+from pipeline.training.signals import StopRequest
+from pipeline.training.state import TrainState
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _build(
     task = tasks.build(cfg.task.name, cfg.task.args)
     mean, std = task.normalization(spec.mean, spec.std)
     spec = dataclasses.replace(spec, mean=mean, std=std)  # the space the models see (and grids undo)
-    engines, universal = build_engines(cfg=cfg, spec=spec, task=task, env=env, resume_from=resume_from)
+    engines, universal, init = build_engines(cfg=cfg, spec=spec, task=task, env=env, resume_from=resume_from)
     marks["engines"] = time.time()
     if resume_from:
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
@@ -152,6 +152,8 @@ def _build(
         node=env.node,
     )
     summary["precision_reason"] = precision_reason
+    if init:
+        summary["init_from"] = init  # what init_from loaded, excluded, adapted, held
     tracker.event("start", run_id=state.run_id, **summary)
     if env.is_rank0:
         print(telemetry.format_start_summary(cfg.name, state.run_id, summary), flush=True)
@@ -247,18 +249,20 @@ def _prefix_in(model: nn.Module, module: nn.Module) -> str:
 
 def build_engines(
     *, cfg: Config, spec: DataSpec, task: Task, env: WorkerEnv, resume_from: str | None
-) -> tuple[dict[str, Engine], bool]:
-    """Collective: {engine name: Engine} of `task`, loaded from `resume_from` if given; and whether
-    that load went through a universal checkpoint (another world size)."""
+) -> tuple[dict[str, Engine], bool, dict[str, Any]]:
+    """Collective: {engine name: Engine} of `task`, loaded from `resume_from` if given; whether
+    that load went through a universal checkpoint (another world size); what `init_from` did."""
     # Same seed on every rank for the initial weights (ZeRO-3 partitions each rank's own copy),
     # then a per-rank seed so dropout masks differ between ranks.
     torch.manual_seed(cfg.seed)
     model = models.build(
         cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
     )
+    init: dict[str, Any] = {}
     if not resume_from:  # a resumed fine-tuning run gets its weights from its own checkpoint
-        finetune.apply_init(model, cfg.init_from)
+        init = finetune.apply_init(model, cfg.init_from)
     frozen = finetune.freeze(model, cfg.init_from)
+    held = finetune.frozen_batchnorms(model, cfg.init_from)
     engines: dict[str, Engine] = {}
     loads: dict[str, tuple[Path, str, bool]] = {}
     universal = False
@@ -282,7 +286,11 @@ def build_engines(
             delayed=delayed if cfg.init_from.unfreeze_at_step else None,
             start_step=cfg.init_from.unfreeze_at_step,
         )
+        if held:  # until the step the engine's LR schedule unfreezes them (its count survives resume)
+            steps = lambda e=engines[name]: e.ds.lr_scheduler.last_epoch  # noqa: E731
+            n = finetune.hold_batchnorm_stats(module, held, cfg.init_from.unfreeze_at_step, steps)
+            init["batchnorm_held"] = init.get("batchnorm_held", 0) + n
     torch.manual_seed(cfg.seed * 100_003 + env.rank)
     for name, (load_dir, load_tag, _) in loads.items():
         engines[name].load(load_dir, load_tag)
-    return engines, universal
+    return engines, universal, init

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.shards import DataSpec
-from pipeline.train import collectives
+from pipeline.training import collectives
 
 
 def optimizer_metrics(engines: dict[str, Any], main: str) -> dict[str, float]:
@@ -133,10 +133,26 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
         f"  params     {s['params_trainable']:,} trainable, {s['params_frozen']:,} frozen",
         f"  data       {s['train_shards']} train shards, {s['train_samples']:,} samples; per worker "
         f"{spread(s['shards_per_rank'])} shards, {spread(s['samples_per_rank'])} samples this epoch",
+        *([f"  init_from  {format_init(s['init_from'])}"] if s.get("init_from") else []),
         f"  run dir    {Path(s['run_dir']).resolve()}",
         f"  W&B        {s['wandb']}",
     ]
     return "\n".join(lines)
+
+
+def format_init(init: dict[str, Any]) -> str:
+    """One line: what `init_from` loaded (finetune.apply_init's report) and which BatchNorm it holds."""
+    parts = []
+    if "loaded" in init:
+        excluded = init["excluded"]
+        shown = ", ".join(excluded[:4]) + (f" (+{len(excluded) - 4} more)" if len(excluded) > 4 else "")
+        parts.append(
+            f"{init['loaded']} tensors from {init['path']}" + (f"; fresh: {shown}" if excluded else "")
+        )
+        parts += init["adapted"]
+    if init.get("batchnorm_held"):
+        parts.append(f"{init['batchnorm_held']} frozen BatchNorm layers keep their running statistics")
+    return "; ".join(parts)
 
 
 def startup_phases(marks: dict[str, float]) -> dict[str, float]:
