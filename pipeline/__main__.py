@@ -206,6 +206,9 @@ def train(
 
     Recipes (configs/): cnn, resnet18, lstm/gru over image rows, next-step prediction, (denoising)
     autoencoder, VAE and DCGAN (two engines): model.name + task.name, under any zero.stage.
+    Your own code by import path ('package.module:Name' or 'path/to/file.py:Name'): model.name (an
+    nn.Module), task.name (a pipeline.Task), data.decode (sample -> (input, target)); your own shards
+    after `pipeline data index`. The same from Python: pipeline.train(config, **overrides).
     Re-running the same command resumes from the newest verified checkpoint (resume=auto);
     checkpoint.dir=s3://... mirrors checkpoints to object storage.
     Exit codes: 0 done, 1 training failed, 2 config/input error (nothing started),

@@ -13,6 +13,7 @@ def main() -> None:
         result = pipeline.train(
             "configs/example-myproject.yaml",
             train={"max_steps": 200},  # nested overrides, validated like key=value on the CLI
+            run_dir="runs/myproject-from-python",  # its own run dir: the CLI run's would be resumed
         )
     except pipeline.Preempted as stop:  # SIGTERM/SIGUSR1: a checkpoint was committed; run again to resume
         print(f"preempted at step {stop.result.metrics.get('step')}: run again to resume")

@@ -76,7 +76,7 @@ class DDPEngine:
 class NoAgreement:
     """Plain DDP loops skip nothing: every loss is taken as agreed, without a collective."""
 
-    def start(self, loss: torch.Tensor) -> Any:
+    def start(self, loss: torch.Tensor, *, update: int = 0, engine: int = -1) -> Any:
         return lambda: True
 
 
