@@ -105,8 +105,8 @@ def load_class(path: str, *, key: str, base: type, what: str) -> type:
     """`load_object`, checked to be a subclass of `base` (`what` names it in the error)."""
     target = load_object(path, key=key)
     if not (isinstance(target, type) and issubclass(target, base)):
-        kind = type(target).__name__ if not isinstance(target, type) else f"class not derived from {what}"
-        raise ConfigError(f"config key '{key}': '{path}' is a {kind}, not a subclass of {what}")
+        kind = "a class" if isinstance(target, type) else f"a {type(target).__name__}"
+        raise ConfigError(f"config key '{key}': '{path}' is {kind}, but not a subclass of {what}")
     return target
 
 

@@ -110,7 +110,7 @@ def test_bad_paths_name_model_name_and_the_path(nets, tmp_path):
         f"{tmp_path / 'absent.py'}:Net": r"'model\.name'.*absent\.py does not exist",
         "usernets.nets:Nett": r"'model\.name'.*'usernets\.nets' has no 'Nett'",
         "usernets.nets:not_a_module": r"'model\.name'.*'usernets\.nets:not_a_module' is a function",
-        "usernets.nets:NotAModule": r"'model\.name'.*NotAModule' is a class not derived from torch\.nn",
+        "usernets.nets:NotAModule": r"'model\.name'.*NotAModule' is a class, but not a subclass of torch\.nn",
     }
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=message):

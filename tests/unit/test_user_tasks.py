@@ -38,7 +38,11 @@ def test_a_user_task_by_module_path_and_by_file_path():
     [
         ("nopkg.tasks:Task", {}, r"'task.name': cannot import module 'nopkg.tasks'.*PYTHONPATH"),
         ("userpkg.tasks:Nothing", {}, r"'task.name': 'userpkg.tasks' has no 'Nothing'.*SmoothClassify"),
-        ("userpkg.models:TinyNet", {}, r"'task.name': 'userpkg.models:TinyNet' is a class not derived from"),
+        (
+            "userpkg.models:TinyNet",
+            {},
+            r"'task.name': 'userpkg.models:TinyNet' is a class, but not a subclass of pipeline.Task",
+        ),
         ("userpkg.tasks:NoEval", {}, r"'task.name'.*does not define eval_sums, eval_metrics"),
         ("missing/file.py:Task", {}, r"'task.name': file missing/file.py does not exist"),
         ("userpkg.tasks:", {}, r"'task.name': 'userpkg.tasks:' is not an import path"),
