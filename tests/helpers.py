@@ -122,3 +122,27 @@ def assert_one_wandb_run(run_dir: Path, segments: int, last_step: int) -> None:
     assert len({f["run_id"] for f in found}) == 1
     steps = [row["_step"] for f in found for row in f["history"]]
     assert steps == sorted(set(steps)) and steps[-1] == last_step, steps
+
+
+def run_local_pair(payloads: list[dict]) -> None:
+    """Several runs in turn in one pair of gloo processes (the local launcher's own worker, so a
+    matrix costs one process start, not one per run); a failure fails the test with every rank's
+    traceback."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    from pipeline.launch import local
+    from pipeline.net import free_port
+
+    results = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.start_processes(
+            local.worker, args=(2, free_port(), payloads, results), nprocs=2, start_method="spawn"
+        )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        errors = []  # "rank R, run ID:\n<traceback>", unless a rank died without a word
+        while not results.empty():
+            status, value = results.get()
+            if status == "error":
+                errors.append(value)
+        pytest.fail("\n".join(errors) or str(e))

@@ -11,13 +11,10 @@ All runs share one pair of processes (`pipeline.launch.local.worker`, as tests/d
 from __future__ import annotations
 
 import pytest
-import torch.multiprocessing as mp
 
 from pipeline import config
-from pipeline.launch import local
 from pipeline.launch.plan import make_plan, worker_payload
-from pipeline.net import free_port
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, run_local_pair
 from tests.unit.test_index import LAYOUTS, index_layout
 
 pytestmark = pytest.mark.dist
@@ -50,19 +47,7 @@ def ledger(run_dir, rank):
 
 
 def run_pair(plans: dict) -> None:
-    payloads = [worker_payload(plan, name) for name, plan in plans.items()]
-    results = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.start_processes(
-            local.worker, args=(2, free_port(), payloads, results), nprocs=2, start_method="spawn"
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        errors = []
-        while not results.empty():
-            status, value = results.get()
-            if status == "error":
-                errors.append(value)
-        pytest.fail("\n".join(errors) or str(e))
+    run_local_pair([worker_payload(plan, name) for name, plan in plans.items()])
 
 
 @pytest.mark.timeout(400)

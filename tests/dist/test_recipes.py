@@ -14,15 +14,12 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pipeline import config, models, tasks
 from pipeline.checkpoint import commit, export
 from pipeline.engine import choose_precision, native_bf16
-from pipeline.launch import local
 from pipeline.launch.plan import make_plan, worker_payload
-from pipeline.net import free_port
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, run_local_pair
 
 pytestmark = pytest.mark.dist
 
@@ -101,18 +98,7 @@ def test_every_recipe_trains_under_every_zero_stage(stage, precision, digits_dir
         )
         plans[name] = make_plan(cfg)
     payloads = [worker_payload(plan, f"{name}-{stage}-{precision}") for name, plan in plans.items()]
-    results = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.start_processes(
-            local.worker, args=(2, free_port(), payloads, results), nprocs=2, start_method="spawn"
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        errors = []  # "rank R, run RECIPE-STAGE-PRECISION:\n<traceback>", unless a rank died without a word
-        while not results.empty():
-            status, value = results.get()
-            if status == "error":
-                errors.append(value)
-        pytest.fail("\n".join(errors) or str(e))
+    run_local_pair(payloads)
 
     for name, plan in plans.items():
         (start,) = [e for e in read_jsonl(tmp_path / name / "events.jsonl") if e["event"] == "start"]

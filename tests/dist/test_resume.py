@@ -12,8 +12,16 @@ pytestmark = pytest.mark.dist
 
 
 def _cfg(digits_dir, run_dir, *extra):
-    base = [f"data.train={digits_dir}", f"run_dir={run_dir}", "cluster.launcher=local", "model.args.channels=[8,16]",
-            "train.log_every=5", "optim.warmup_steps=5", "checkpoint.every=10", "checkpoint.keep_last=3"]
+    base = [
+        f"data.train={digits_dir}",
+        f"run_dir={run_dir}",
+        "cluster.launcher=local",
+        "model.args.channels=[8,16]",
+        "train.log_every=5",
+        "optim.warmup_steps=5",
+        "checkpoint.every=10",
+        "checkpoint.keep_last=3",
+    ]
     return config.load("configs/smoke.yaml", [*base, *extra])
 
 
@@ -25,8 +33,18 @@ def test_rerun_resumes_and_falls_back_past_a_corrupt_commit(digits_dir, tmp_path
 
     events = read_jsonl(run_dir / "events.jsonl")
     assert [e["event"] for e in events] == [
-        "start", "startup", "checkpoint_commit", "checkpoint_commit", "finish",
-        "start", "resume", "startup", "first_step_after_resume", "checkpoint_commit", "checkpoint_commit", "finish",
+        "start",
+        "startup",
+        "checkpoint_commit",
+        "checkpoint_commit",
+        "finish",
+        "start",
+        "resume",
+        "startup",
+        "first_step_after_resume",
+        "checkpoint_commit",
+        "checkpoint_commit",
+        "finish",
     ]
     resume = events[6]
     assert resume["from_step"] == 20 and resume["checkpoint"].endswith("step_00000020")

@@ -8,14 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from pipeline import config, launch
 from pipeline.checkpoint import commit
-from pipeline.launch import local
 from pipeline.launch.plan import make_plan, worker_payload
-from pipeline.net import free_port
-from tests.helpers import read_jsonl
+from tests.helpers import read_jsonl, run_local_pair
 
 pytestmark = pytest.mark.dist
 
@@ -52,22 +49,6 @@ def user_cfg(digits_dir, run_dir, *extra):
     )
 
 
-def run_pair(payloads):
-    """Several runs in turn in one pair of gloo processes (see tests/dist/test_recipes.py)."""
-    results = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.start_processes(
-            local.worker, args=(2, free_port(), payloads, results), nprocs=2, start_method="spawn"
-        )
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        errors = []
-        while not results.empty():
-            status, value = results.get()
-            if status == "error":
-                errors.append(value)
-        pytest.fail("\n".join(errors) or str(e))
-
-
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_user_model_and_task_learn_under_zero_0_2_3(precision, digits_dir, tmp_path):
@@ -86,7 +67,7 @@ def test_user_model_and_task_learn_under_zero_0_2_3(precision, digits_dir, tmp_p
         )
         for stage in (0, 2, 3)
     }
-    run_pair([worker_payload(plan, f"user-{stage}-{precision}") for stage, plan in plans.items()])
+    run_local_pair([worker_payload(plan, f"user-{stage}-{precision}") for stage, plan in plans.items()])
     for stage in plans:
         rows = read_jsonl(tmp_path / f"zero{stage}" / "metrics.jsonl")
         losses = [r["train/loss"] for r in rows if "train/loss" in r]

@@ -23,7 +23,8 @@ COMMON = [
 
 def train(digits_dir, run_dir, steps, *extra):
     cfg = config.load(
-        "configs/smoke.yaml", [*COMMON, f"data.train={digits_dir}", f"run_dir={run_dir}", f"train.max_steps={steps}", *extra]
+        "configs/smoke.yaml",
+        [*COMMON, f"data.train={digits_dir}", f"run_dir={run_dir}", f"train.max_steps={steps}", *extra],
     )
     return launch.train(make_plan(cfg))
 
@@ -33,7 +34,9 @@ def segments(run_dir):
 
 
 @pytest.mark.timeout(300)
-def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(digits_dir, tmp_path, monkeypatch, capfd):
+def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(
+    digits_dir, tmp_path, monkeypatch, capfd
+):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite disables W&B; this test is about it
     run_dir = tmp_path / "run"
     train(digits_dir, run_dir, 4, "model.args.channels=[8,16]")
@@ -83,14 +86,24 @@ def test_one_offline_run_with_config_metrics_and_one_id_across_a_resume(digits_d
     (artifact,) = again["artifacts"]
     last = run_dir / "checkpoints" / "step_00000008"
     assert artifact["type"] == "model" and sorted(artifact["aliases"]) == ["latest", "step_8"]
-    assert {ref.removeprefix(last.as_uri() + "/") for ref in artifact["refs"]} >= {"MANIFEST.json", "trainer_state.json"}
+    assert {ref.removeprefix(last.as_uri() + "/") for ref in artifact["refs"]} >= {
+        "MANIFEST.json",
+        "trainer_state.json",
+    }
 
 
 @pytest.mark.timeout(300)
 def test_a_generative_run_logs_its_sample_grids_as_media(digits_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "ae"
-    train(digits_dir, run_dir, 4, "task.name=autoencoder", "model.name=autoencoder", "model.args={channels: [8, 16]}")
+    train(
+        digits_dir,
+        run_dir,
+        4,
+        "task.name=autoencoder",
+        "model.name=autoencoder",
+        "model.args={channels: [8, 16]}",
+    )
     (segment,) = segments(run_dir)
     rows = [r for r in read_wandb(segment)["history"] if "samples/grid/_type" in r]
     assert [r["_step"] for r in rows] == [2, 4] and all(r["samples/grid/_type"] == "image-file" for r in rows)
@@ -98,7 +111,10 @@ def test_a_generative_run_logs_its_sample_grids_as_media(digits_dir, tmp_path, m
         media = segment.parent / "files" / row["samples/grid/path"]
         assert media.is_file() and media.read_bytes()[:4] == b"\x89PNG"
     assert all("eval/recon_mse" in r for r in read_wandb(segment)["history"])
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step_00000002.png",
+        "step_00000004.png",
+    ]
 
 
 def test_online_init_arguments_keep_one_run_per_training_run(tmp_path):

@@ -54,8 +54,12 @@ def test_zero_stage_and_precision(stage, precision, digits_dir, tmp_path):
     out = tmp_path / "weights.pt"
     export.export(ckpt, out)
     meta = json.loads(out.with_name("weights.pt.json").read_text())
-    model = models.build(meta["model"]["name"], meta["model"]["args"], meta["model"]["input_shape"],
-                         meta["model"]["num_classes"])
+    model = models.build(
+        meta["model"]["name"],
+        meta["model"]["args"],
+        meta["model"]["input_shape"],
+        meta["model"]["num_classes"],
+    )
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     assert all(v.dtype != torch.bfloat16 for v in model.state_dict().values())
     accuracy = evaluate_plain(model, make_plan(cfg).spec, cfg.data, precision)
