@@ -211,6 +211,12 @@ def make_plan(cfg: Config) -> Plan:
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     check_first_sample(spec, cfg.data)  # a wrong data.fields / data.decode fails here: exit 2
     task = tasks.build(cfg.task.name, cfg.task.args)
+    if task.needs_labels and spec.num_classes == 0:  # found now, not as a cross-entropy error mid-run
+        raise ConfigError(
+            f"config key 'task.name': task '{cfg.task.name}' trains on labels, but data.train has none (its "
+            "MANIFEST records no target): index it with `pipeline data index ... --target KEY`, or use a "
+            "task without labels (autoencoder, vae, gan, next_step)"
+        )
     model = models.build(
         cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
     )

@@ -224,6 +224,14 @@ def test_float_arrays_are_sequences_and_unlabeled_data_indexes(tmp_path):
     stream.check_first_sample(spec, config.DataConfig(train="-"))
     value, label = stream.Decoder(spec, None, 0).decode(stream.read_shard(spec.train_urls[0], {}, True)[0][0])
     assert value.dtype.is_floating_point and tuple(value.shape) == (5, 4) and label == -1
+    # no labels: a task that needs them is refused before anything starts, one without them plans
+    from pipeline.launch.plan import make_plan
+
+    base = [f"data.train={tmp_path / 'index'}", "cluster.num_workers=1", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(config.ConfigError, match=r"'task.name': task 'classify' trains on labels.*--target"):
+        make_plan(config.load("configs/smoke.yaml", [*base, "model.name=mlp"]))
+    unlabeled = ["task.name=next_step", "model.name=lstm", "model.args={hidden_size: 4, output: sequence}"]
+    assert make_plan(config.load("configs/smoke.yaml", [*base, *unlabeled])).spec.num_classes == 0
 
 
 # --- refusals ------------------------------------------------------------------------------------------
