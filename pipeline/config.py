@@ -395,15 +395,21 @@ def _check_keys(data: dict[str, Any], cls: type[BaseModel], prefix: str, source:
             _check_keys(value, sub, f"{dotted}.", source)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _parent(tree: dict[str, Any], dotted: str, where: str) -> tuple[dict[str, Any], str]:
+    """The dict that holds the last part of `dotted` (created on the way), and that part's name."""
     node = tree
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
-    node[parts[-1]] = value
+    return node, parts[-1]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node, leaf = _parent(tree, dotted, f"override '{dotted}'")
+    node[leaf] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -444,10 +450,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
         if key in _SHORTHAND and not isinstance(value, dict):
             key, value = f"{key}.{_SHORTHAND[key]}", value
         _set_dotted(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+    return _validate(tree, source)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -510,13 +513,8 @@ def apply_overrides(
         _check_keys(_nest(key, copy.deepcopy(value)), Config, "", f"{source}: {key}")
         if key in _SHORTHAND and not isinstance(value, dict):  # `task: gan` is `task.name: gan`
             key = f"{key}.{_SHORTHAND[key]}"
-        parent, _, leaf = key.rpartition(".")
+        node, leaf = _parent(out, key, f"{source}: '{key}'")
         sub = _section_at(key)
-        node = out
-        for part in parent.split(".") if parent else []:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: '{key}': '{part}' is not a section")
         if sub is not None and isinstance(value, dict) and isinstance(node.get(leaf), dict):
             node[leaf] = merge(node[leaf], value, sub)
         else:
@@ -529,6 +527,10 @@ def validate_tree(tree: dict[str, Any], source: str) -> Config:
     keys with a did-you-mean, then types; errors name `source`. Raises ConfigError."""
     tree = copy.deepcopy(tree)
     _check_keys(tree, Config, "", source)
+    return _validate(tree, source)
+
+
+def _validate(tree: dict[str, Any], source: str) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
@@ -537,10 +539,7 @@ def validate_tree(tree: dict[str, Any], source: str) -> Config:
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a config (e.g. the resolved one shipped to workers)."""
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, "dict")) from None
+    return _validate(tree, "dict")
 
 
 def dump_yaml(cfg: Config) -> str:
