@@ -34,7 +34,8 @@ def split(path: str, *, key: str) -> tuple[str, str]:
     return module, attr
 
 
-def _is_file(module: str) -> bool:
+def is_file_path(module: str) -> bool:
+    """Whether the module part of an import path names a file (`dir/x.py`) rather than a module."""
     return module.endswith(".py") or "/" in module or "\\" in module
 
 
@@ -86,9 +87,8 @@ def load_object(path: str, *, key: str) -> Any:
     """The object an import path names. ConfigError (naming `key` and the path) if it cannot be
     imported or the module has no such name."""
     module_name, attr = split(path, key=key)
-    module = (
-        _import_file(module_name, key=key) if _is_file(module_name) else _import_module(module_name, key=key)
-    )
+    load = _import_file if is_file_path(module_name) else _import_module
+    module = load(module_name, key=key)
     target: Any = module
     for part in attr.split("."):
         try:
@@ -115,7 +115,7 @@ def absolute(path: str) -> str:
     if not is_import_path(path):
         return path
     module, _, attr = path.rpartition(":")
-    return f"{Path(module).expanduser().resolve()}:{attr}" if _is_file(module) else path
+    return f"{Path(module).expanduser().resolve()}:{attr}" if is_file_path(module) else path
 
 
 def module_roots(paths: list[str]) -> list[str]:
@@ -128,7 +128,7 @@ def module_roots(paths: list[str]) -> list[str]:
         if not is_import_path(path):
             continue
         module, _, _ = path.rpartition(":")
-        if _is_file(module):
+        if is_file_path(module):
             continue
         top = sys.modules.get(module.split(".")[0])
         location = getattr(top, "__file__", None)

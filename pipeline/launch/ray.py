@@ -272,11 +272,6 @@ def _job_env_vars() -> dict[str, str]:
     }
 
 
-def _is_file_path(module: str) -> bool:
-    # as pipeline.imports tells a file import path from a module path
-    return module.endswith(".py") or "/" in module or "\\" in module
-
-
 def _module_source(path: str, key: str) -> Path | None:
     """The package dir (or single-module .py file) that holds the module of import path `path`, as
     imported here; None for this package's own modules (the job's working dir has them)."""
@@ -310,7 +305,7 @@ def job_code(
     for key, path in user_code(cfg).items():
         module, _, attr = path.rpartition(":")
         section, _, field = key.partition(".")
-        if _is_file_path(module):
+        if imports.is_file_path(module):
             source = Path(module).resolve()
             package = f"_pipeline_file_{hashlib.sha256(str(source).encode()).hexdigest()[:10]}"
             stem = re.sub(r"\W", "_", source.stem)
