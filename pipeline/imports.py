@@ -131,14 +131,19 @@ def module_roots(paths: list[str]) -> list[str]:
         if is_file_path(module):
             continue
         top = sys.modules.get(module.split(".")[0])
-        location = getattr(top, "__file__", None)
-        if location is None:  # a namespace package or a builtin: nothing to ship
+        if getattr(top, "__file__", None) is None:  # a namespace package or a builtin: nothing to ship
             continue
-        file = Path(location).resolve()
-        root = file.parent.parent if file.name == "__init__.py" else file.parent
+        root = top_level_source(top).parent
         if str(root) not in roots:
             roots.append(str(root))
     return roots
+
+
+def top_level_source(module: Any) -> Path:
+    """Where a loaded top-level module lives: its package directory, or its single .py file (for a
+    namespace package, its one directory; see `__path__`)."""
+    locations = list(getattr(module, "__path__", []))
+    return Path(locations[0] if locations else module.__file__).resolve()
 
 
 def add_paths(roots: list[str]) -> None:

@@ -286,7 +286,7 @@ def _module_source(path: str, key: str) -> Path | None:
             f"config key '{key}': '{top}' is a namespace package spread over several directories; "
             "ship its parts with --py-modules DIR"
         )
-    return Path(locations[0] if locations else module.__file__).resolve()
+    return imports.top_level_source(module)
 
 
 def job_code(
