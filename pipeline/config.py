@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import secrets
+
 
 class ConfigError(ValueError):
     """A user error in the config, overrides or inputs: exit code 2."""
@@ -149,6 +151,11 @@ class CheckpointConfig(Section):
     keep_best: int = Field(0, ge=0, description="also keep the best N checkpoints by best_metric")
     best_metric: str = Field("eval/accuracy", description="a metric logged at eval steps")
     best_mode: Literal["max", "min"] = "max"
+    allow_config_change: bool = Field(
+        False,
+        description="resume from a checkpoint that a different config wrote (its config digest differs "
+        "in what defines the training); refused unless true",
+    )
 
 
 class WandbConfig(Section):
@@ -342,7 +349,9 @@ class Config(Section):
         return self.resolved_run_dir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as YAML-shaped dicts, credentials as `***` (pipeline.secrets): what every file,
+        log, W&B config and payload gets; workers restore them from their environment."""
+        return secrets.redact(self.model_dump(mode="json"))
 
     def digest(self) -> str:
         """A short hash of the resolved config (stored with checkpoints)."""
@@ -531,6 +540,10 @@ def validate_tree(tree: dict[str, Any], source: str) -> Config:
 
 
 def _validate(tree: dict[str, Any], source: str) -> Config:
+    # Credentials: `***` in a config this pipeline wrote comes back from the environment; credentials
+    # in clear are recorded there for the processes this one starts (pipeline.secrets).
+    secrets.restore(tree)
+    secrets.remember(tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
