@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import ConfigError
-from pipeline.files import fsync_dir, fsync_tree, sha256_file
+from pipeline.files import confined, fsync_dir, fsync_tree, plain, sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "trainer_state.json"
@@ -248,21 +248,48 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     path = Path(ckpt) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{ckpt} is not a committed checkpoint: {MANIFEST} is missing")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """A checkpoint MANIFEST's bytes (from a local dir or a bucket), checked before anything is read or
+    written by its names: a JSON object of our format whose file, engine and tag names are plain relative
+    paths (files.plain; `verify` adds the symlink check on disk). Whoever supplies a checkpoint writes its
+    MANIFEST too, so its hashes prove integrity, never where its files may go."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+        manifest = json.loads(data)
+    except ValueError as e:  # also bytes that are not UTF-8
+        raise CheckpointError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{where}: unknown format {found!r}, expected {FORMAT!r}")
+    step, table = manifest.get("step"), manifest.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: 'step' must be a step number, not {step!r}")
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{where}: 'files' must be an object of file name -> {{bytes, sha256}}")
+    for rel, entry in table.items():
+        plain(rel, where=where, error=CheckpointError)
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or "sha256" not in entry:
+            raise CheckpointError(f"{where}: entry {rel!r} needs 'bytes' (int) and 'sha256'")
+    # engines/<engine>/<tag>/ are directories the loaders open by these names: one component each
+    engines = manifest.get("engines", [])
+    if not isinstance(engines, list):
+        raise CheckpointError(f"{where}: 'engines' must be a list of names, not {engines!r}")
+    for name in [*engines, manifest.get("engine_tag", ENGINE_TAG)]:
+        if "/" in plain(name, where=where, error=CheckpointError):
+            raise CheckpointError(f"{where}: engine or tag name {name!r} must be one path component")
     return manifest
 
 
 def verify(ckpt: Path) -> dict[str, Any]:
-    """Check every file against the MANIFEST; raise CheckpointError naming the first bad file."""
+    """Check every file against the MANIFEST; raise CheckpointError naming the first bad file (or a name
+    that leads outside `ckpt`, also through a symlink)."""
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
+    where = str(ckpt / MANIFEST)
     for rel, expected in manifest["files"].items():
-        path = ckpt / rel
+        path = confined(ckpt, rel, where=where, error=CheckpointError)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: file {rel} is missing")
         if path.stat().st_size != expected["bytes"]:

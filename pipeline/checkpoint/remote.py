@@ -5,12 +5,13 @@
 
 Object stores have no atomic directory rename, so the MANIFEST plays its part: a `step_*` prefix
 without one is debris of an interrupted upload (or delete), never listed and never loaded. Loading
-downloads into a local cache and runs the same `commit.verify` as a local resume.
+downloads into a local cache and runs the same `commit.verify` as a local resume. A bucket is as
+untrusted as any directory: a MANIFEST naming a file outside its commit (`../x`, `/abs`) is refused
+before anything is downloaded (commit.parse_manifest), so `resume=auto` sets that commit aside.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +22,15 @@ from typing import Any
 
 import fsspec  # cheap; the s3fs/gcsfs backend is imported only when a store is built
 
-from pipeline.checkpoint.commit import FORMAT, MANIFEST, CheckpointError, read_manifest, step_dir_name, verify
+from pipeline.checkpoint.commit import (
+    MANIFEST,
+    CheckpointError,
+    parse_manifest,
+    read_manifest,
+    step_dir_name,
+    verify,
+)
+from pipeline.files import confined
 
 _HINT = "check checkpoint.storage_options (endpoint_url, key, secret) and that the bucket exists"
 
@@ -103,7 +112,7 @@ class RemoteStore:
                 data = self.fs.cat_file(f"{self.root}/{name}/{MANIFEST}")
             except FileNotFoundError:
                 raise CheckpointError(f"{url}: not a committed checkpoint ({MANIFEST} is missing)") from None
-        return data, _parse_manifest(data, url)
+        return data, parse_manifest(data, url)  # refuses names that would leave the cache dir
 
     def read_manifest(self, name: str) -> dict[str, Any]:
         return self._fetch_manifest(name)[1]
@@ -148,11 +157,14 @@ class RemoteStore:
         try:
             tmp.mkdir(parents=True)
             files = list(manifest["files"])
-            for rel in files:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            # parse_manifest refused any name that is not plain; `confined` also checks where it lands
+            where = f"{self.url}/{name}/{MANIFEST}"
+            targets = [confined(tmp, rel, where=where, error=CheckpointError) for rel in files]
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
             with self._storage(f"downloading {name} from"):
                 if files:
-                    self.fs.get([f"{self.root}/{name}/{rel}" for rel in files], [str(tmp / r) for r in files])
+                    self.fs.get([f"{self.root}/{name}/{rel}" for rel in files], [str(t) for t in targets])
             # the MANIFEST we compared is the one we verify against, even if a re-upload races us
             (tmp / MANIFEST).write_bytes(raw)
             verify(tmp)
@@ -162,15 +174,3 @@ class RemoteStore:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         return final
-
-
-def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    """The checks of commit.read_manifest, on bytes that are not on a local disk."""
-    try:
-        manifest = json.loads(data)
-    except ValueError as e:
-        raise CheckpointError(f"{where} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{where}: unknown format {found!r}")
-    return manifest
