@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline import secrets
 from pipeline.config import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
@@ -29,7 +30,8 @@ app.add_typer(data_app, name="data")
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {message}", err=True)
+    # scrubbed: an error (s3fs's, a worker's traceback) may quote a credential of the config
+    typer.echo(f"error: {secrets.scrub(message)}", err=True)
     raise typer.Exit(code)
 
 

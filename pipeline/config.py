@@ -26,9 +26,23 @@ class ConfigError(ValueError):
     """A user error in the config, overrides or inputs: exit code 2."""
 
 
+# Upper bounds, far above any real run and far below what overflows: counters of samples (steps x
+# batch x accumulation x workers) stay below 2**62 in int64 tensors, and timeouts stay within what
+# datetime.timedelta and C++ millisecond counts hold.
+MAX_BATCH = 2**20  # samples per worker per micro-step
+MAX_STEPS = 2**40  # optimizer steps (35,000 years at one step per second)
+MAX_GRAD_ACCUM = 2**16
+MAX_WORKERS = 2**16
+MAX_SAMPLES = 2**62  # train.max_steps x samples per step
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_IMAGE_SIDE = 2**14
+MAX_SEED = 2**32 - 1
+
+
 class Section(BaseModel):
-    # extra="forbid": an unknown key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": an unknown key is an error, never silently ignored. allow_inf_nan=False: an lr
+    # or a weight decay of .inf/.nan is a typo that would train NaNs, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
@@ -59,9 +73,9 @@ class DataConfig(Section):
         "(brace patterns) listed in the MANIFEST beside them"
     )
     val: str | None = Field(None, description="val shards; defaults to the prepared dir's val split")
-    batch_size: int = Field(64, gt=0, description="samples per worker per micro-step")
-    num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker")
-    shuffle_buffer: int = Field(1000, ge=0, description="samples in the in-memory shuffle buffer")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="samples per worker per micro-step")
+    num_workers: int = Field(0, ge=0, le=1024, description="DataLoader processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=0, le=2**24, description="samples in the in-memory shuffle buffer")
     cache_mb: float = Field(
         0,
         ge=0,
@@ -76,7 +90,9 @@ class DataConfig(Section):
     )
     ledger: bool = Field(False, description="write the sample keys each rank consumes per step")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] when decoding")
+    image_size: tuple[int, int] | None = Field(
+        None, description=f"resize images to [H, W] when decoding (1 to {MAX_IMAGE_SIDE} pixels each)"
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for s3:// etc. (e.g. endpoint_url, key, secret)"
     )
@@ -86,6 +102,13 @@ class DataConfig(Section):
         description="your decode function, 'package.module:function' or 'file.py:function': "
         "sample dict (key -> bytes) -> (input array or tensor, int target); replaces data.fields",
     )
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_in_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(1 <= side <= MAX_IMAGE_SIDE for side in v):
+            raise ValueError(f"each side must be 1 to {MAX_IMAGE_SIDE} pixels, e.g. [28, 28]")
+        return v
 
 
 class ModelConfig(Section):
@@ -108,10 +131,17 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of optim.lr")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_0_1(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in v):
+            raise ValueError("Adam's betas are decay rates: each in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
 
 class TrainConfig(Section):
-    max_steps: int = Field(100, gt=0, description="optimizer steps")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(100, gt=0, le=MAX_STEPS, description="optimizer steps")
+    grad_accum: int = Field(1, gt=0, le=MAX_GRAD_ACCUM, description="micro-batches per optimizer step")
     clip_grad_norm: float = Field(0.0, ge=0, description="0 disables clipping")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
@@ -237,13 +267,15 @@ class ClusterConfig(Section):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train workers; local: torch.multiprocessing, no Ray (debugging)"
     )
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0, le=MAX_WORKERS)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=0)
     address: str | None = Field(None, description="existing Ray cluster; default: start one in-process")
     node_ip: str | None = Field(None, description="address Ray nodes use; in-process default 127.0.0.2")
-    collective_timeout_s: int = Field(300, gt=0)
+    collective_timeout_s: int = Field(
+        300, gt=0, le=MAX_TIMEOUT_S, description="a collective that waits longer fails (at most 7 days)"
+    )
     worker_niceness: int = Field(
         0,
         ge=0,
@@ -280,7 +312,13 @@ class SlurmConfig(Section):
 class Config(Section):
     name: str = "run"
     run_dir: str | None = Field(None, description="default: runs/<name>")
-    seed: int = 0
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="0 to 2**32-1: numpy refuses negative seeds, and per-rank seeds derived from it "
+        "(seed x 100003 + rank + 7919 x step) must fit torch's 64-bit generator",
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -314,16 +352,35 @@ class Config(Section):
                 "precision=fp16 needs GPUs (dynamic loss scaling is a GPU feature); "
                 "use precision=auto (or bf16/fp32) on CPU, or set cluster.use_gpu=true"
             )
-        if self.init_from.unfreeze_at_step and not self.init_from.freeze:
-            raise ValueError("init_from.unfreeze_at_step needs init_from.freeze patterns")
-        if self.init_from.unfreeze_at_step >= self.train.max_steps > 0 and self.init_from.unfreeze_at_step:
-            raise ValueError("init_from.unfreeze_at_step must be smaller than train.max_steps")
+        unfreeze, max_steps = self.init_from.unfreeze_at_step, self.train.max_steps
+        warmup = self.optim.warmup_steps
+        if unfreeze and not self.init_from.freeze:
+            raise ValueError("config key 'init_from.unfreeze_at_step': needs init_from.freeze patterns")
+        if unfreeze >= max_steps > 0 and unfreeze:
+            raise ValueError(
+                f"config keys 'init_from.unfreeze_at_step', 'train.max_steps': init_from.unfreeze_at_step "
+                f"({unfreeze}) must be smaller than train.max_steps ({max_steps})"
+            )
         if self.zero.offload_params and self.zero.stage != 3:
-            raise ValueError("zero.offload_params needs zero.stage=3")
+            raise ValueError(
+                f"config key 'zero.offload_params': offload_params needs zero.stage=3 (parameter offload "
+                f"is ZeRO-3's; got zero.stage={self.zero.stage})"
+            )
         if self.zero.offload_optimizer and self.zero.stage == 0:
-            raise ValueError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
-        if self.optim.warmup_steps >= self.train.max_steps and self.optim.warmup_steps > 0:
-            raise ValueError("optim.warmup_steps must be smaller than train.max_steps")
+            raise ValueError("config key 'zero.offload_optimizer': needs zero.stage 1, 2 or 3")
+        if warmup >= max_steps and warmup > 0:
+            raise ValueError(
+                f"config keys 'optim.warmup_steps', 'train.max_steps': optim.warmup_steps ({warmup}) must "
+                f"be smaller than train.max_steps ({max_steps}); lower the warmup or train longer"
+            )
+        per_step = self.data.batch_size * self.train.grad_accum * self.cluster.num_workers
+        if max_steps * per_step > MAX_SAMPLES:
+            raise ValueError(
+                "config keys 'train.max_steps', 'data.batch_size', 'train.grad_accum', "
+                "'cluster.num_workers': train.max_steps x data.batch_size x train.grad_accum x "
+                f"cluster.num_workers = {max_steps * per_step:.3g} samples, more than the 2**62 the "
+                "run's sample counters hold"
+            )
         return self
 
     # Derived values live here so every component computes them the same way.
@@ -351,7 +408,9 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML-shaped dicts, credentials as `***` (pipeline.secrets): what every file,
         log, W&B config and payload gets; workers restore them from their environment."""
-        return secrets.redact(self.model_dump(mode="json"))
+        tree = self.model_dump(mode="json")
+        secrets.remember(tree)  # a Config built directly, not by load(): its credentials too
+        return secrets.redact(tree)
 
     def digest(self) -> str:
         """A short hash of the resolved config (stored with checkpoints)."""
@@ -439,10 +498,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
+        # pydantic puts "Value error, " before the message of a ValueError raised by a validator
+        message = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if not key:  # a check across sections (Config._combinations): its message names the keys
+            lines.append(message)
+            continue
         got = e.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"config key '{key}': {e['msg']}{got_text}")
+        lines.append(f"config key '{key}': {message}{got_text}")
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 
 
@@ -474,7 +538,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}): "
+            "save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
     if loaded is not None and not isinstance(loaded, dict):
@@ -544,6 +617,14 @@ def _validate(tree: dict[str, Any], source: str) -> Config:
     # in clear are recorded there for the processes this one starts (pipeline.secrets).
     secrets.restore(tree)
     secrets.remember(tree)
+    if missing := secrets.unresolved(tree):
+        raise ConfigError(
+            f"config key '{missing[0]}' ({source}) is '{secrets.REDACTED}': a credential the pipeline "
+            "redacted where it wrote this config, and this process was not given it (the process that "
+            f"read it in clear passes it on in {secrets.ENV}). Give it again (in the config file or an "
+            "override), or remove it and let fsspec/boto find credentials the standard way "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws/credentials)"
+        )
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

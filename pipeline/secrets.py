@@ -9,17 +9,23 @@ The real values reach the processes that need them through the environment, neve
 or Ray's state: `load` records them in the variable PIPELINE_SECRETS of the process that read the
 config, which the processes it starts inherit (the local launcher's workers, an in-process Ray
 cluster's workers, an sbatch job), and `restore` puts them back where the config says `***`.
-On a cluster this process did not start (`submit ray`), give credentials the standard way
-(environment variables such as AWS_ACCESS_KEY_ID, or ~/.aws/credentials, which s3fs/boto read).
+On a cluster this process did not start (`submit ray`, `cluster.address` of a running cluster), give
+credentials the standard way (environment variables such as AWS_ACCESS_KEY_ID, or ~/.aws/credentials,
+which s3fs/boto read): `submit ray` leaves them out of the job (`strip`) rather than ship them.
+
+What the run writes that could quote one is private to its user (`write_private`, `private_dir`:
+0600 files, 0700 dirs), and text the pipeline writes or prints after a failure is `scrub`bed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 REDACTED = "***"
 ENV = "PIPELINE_SECRETS"
@@ -74,11 +80,16 @@ def collect(tree: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _recorded() -> dict[str, str]:
+    return dict(_parse(os.environ.get(ENV, "")))
+
+
+@functools.lru_cache(maxsize=4)  # scrub() runs per forwarded console line
+def _parse(raw: str) -> tuple[tuple[str, str], ...]:
     try:
-        loaded = json.loads(os.environ.get(ENV, "") or "{}")
+        loaded = json.loads(raw or "{}")
     except ValueError:
-        return {}
-    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        return ()
+    return tuple((str(k), str(v)) for k, v in loaded.items()) if isinstance(loaded, dict) else ()
 
 
 def remember(tree: Mapping[str, Any]) -> None:
@@ -99,6 +110,18 @@ def restore(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def strip(tree: dict[str, Any]) -> list[str]:
+    """Remove every secret from `tree` (in place): for a config sent where this environment does not
+    go (`submit ray`), whose nodes then read their own credentials. Returns the removed dotted keys."""
+    found = [path for path, value in _walk(tree, (), False) if value not in (None, "")]
+    for path in found:
+        node = tree
+        for part in path[:-1]:
+            node = node[part]
+        del node[path[-1]]
+    return [".".join(path) for path in found]
+
+
 def unresolved(tree: Mapping[str, Any]) -> list[str]:
     """Dotted keys still `***`: redacted in a written config and not recorded in this environment."""
     return [".".join(path) for path, value in _walk(tree, (), False) if value == REDACTED]
@@ -114,3 +137,43 @@ def scrub(text: str) -> str:
     for value in sorted(values(), key=len, reverse=True):
         text = text.replace(value, REDACTED)
     return text
+
+
+def scrub_file(path: Path) -> None:
+    """Scrub a text file the pipeline keeps (a log) in place; binary files are left alone."""
+    found = values()
+    if not found or not path.is_file():
+        return
+    try:
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError):
+        return
+    if any(value in text for value in found):
+        path.write_text(scrub(text))
+
+
+# Files and dirs of a run that could quote a credential or what surrounds one (config, job script,
+# events, logs): readable by their user only, whatever the umask.
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) if missing, and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(PRIVATE_DIR)
+    return path
+
+
+def open_private(path: Path, mode: str = "w", **kwargs: Any) -> IO[Any]:
+    """`open(path, mode)` for a file created 0600 (never readable by others, not even briefly); an
+    existing file is made 0600 too."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return os.fdopen(fd, mode, **kwargs)
+
+
+def write_private(path: Path, text: str) -> None:
+    """`path.write_text(text)` for a 0600 file."""
+    with open_private(path, "w") as f:
+        f.write(text)

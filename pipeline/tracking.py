@@ -18,15 +18,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline import secrets
 from pipeline.config import WandbConfig
 
 
 class JsonlWriter:
     """Appends one JSON object per line and flushes, so a crash loses at most the current line."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, private: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+        if private:  # 0600 (pipeline.secrets): e.g. events, whose errors may quote a path or a URL
+            self._file = secrets.open_private(path, "a", buffering=1)
+        else:
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, default=float) + "\n")
@@ -262,6 +266,7 @@ class ProgressRelay:
                 self._bar.close()
 
     def feed(self, line: str, is_err: bool = False) -> None:
+        line = secrets.scrub(line)  # a worker's traceback may quote a credential
         with self._lock:
             if self._divert is not None and self._divert(line):
                 return
@@ -369,7 +374,7 @@ class Tracker:
     ) -> None:
         self.run_dir = run_dir
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
-        self.events = JsonlWriter(run_dir / "events.jsonl")
+        self.events = JsonlWriter(run_dir / "events.jsonl", private=True)
         self.progress = Progress(total_steps)
         # After a crash, steps between the last commit and the crash were logged once already; they
         # are not logged again, so metrics.jsonl and W&B never see a step twice or go backwards. Each
@@ -386,6 +391,7 @@ class Tracker:
 
             if self.wandb_mode == "offline":  # read before this segment's own file exists
                 self.wandb_until = last_offline_wandb_step(run_dir, run_id)
+            secrets.private_dir(run_dir / "wandb")  # W&B's files: the config, argv, its debug logs
             self._wandb = wandb.init(
                 **wandb_init_kwargs(wandb_cfg, self.wandb_mode, run_dir, config, run_id, name),
                 # W&B's own banner and end-of-run summary stay in its log files (RUN_DIR/wandb/*/logs);

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from pipeline import config as config_mod
-from pipeline import imports, models, tasks
+from pipeline import imports, models, secrets, tasks
 from pipeline.checkpoint import commit, store
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
@@ -233,7 +233,8 @@ def prepare_run_dir(plan: Plan) -> Path:
     """Create the run dir and write the resolved config (the first side effect of `pipeline train`)."""
     run_dir = plan.cfg.resolved_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_mod.dump_yaml(plan.cfg))
+    # 0600 (credentials are `***` in it, but not the endpoint, bucket and paths around them)
+    secrets.write_private(run_dir / "config.yaml", config_mod.dump_yaml(plan.cfg))
     return run_dir
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline import imports, tracking
+from pipeline import imports, secrets, tracking
 from pipeline.data.shards import DataSpec
 from pipeline.launch.plan import TrainingFailed, installed_dirs, user_code
 from pipeline.training import loop
@@ -109,9 +109,11 @@ def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
     }
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    # Never a credential (WANDB_API_KEY, pipeline.secrets.ENV): Ray logs a runtime env in clear, to
+    # session logs others can read. The in-process cluster's workers inherit them from this process
+    # (its raylet does); a running cluster's workers (`cluster.address`) read their own environment.
     for key in (
         "WANDB_MODE",
-        "WANDB_API_KEY",
         "WANDB_PROJECT",
         "WANDB_ENTITY",
         "GLOO_SOCKET_IFNAME",
@@ -126,7 +128,7 @@ def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
 def _driver_ray_log(run_dir: Path, verbose: bool) -> logging.Handler:
     """The driver's "ray" logger: everything into RUN_DIR/logs/ray.log; on the console only errors
     (everything with --verbose)."""
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    secrets.private_dir(run_dir / "logs")  # 0700: logs may quote what surrounds a credential
     handler = logging.FileHandler(run_dir / "logs" / "ray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ray_logger = logging.getLogger("ray")
@@ -154,8 +156,12 @@ def _keep_session_logs(logs: Path | None, run_dir: Path) -> None:
     console no longer shows, and /tmp/ray does not outlive a reboot."""
     if logs is None:
         return
+    kept = run_dir / "logs" / f"ray-{logs.parent.name}"
     try:
-        shutil.copytree(logs, run_dir / "logs" / f"ray-{logs.parent.name}", dirs_exist_ok=True)
+        shutil.copytree(logs, kept, dirs_exist_ok=True)
+        # Credentials never reach Ray (runtime_env, payload); a traceback quoting one still might.
+        for path in [run_dir / "logs" / "ray.log", *kept.rglob("*")]:
+            secrets.scrub_file(path)
     except (OSError, shutil.Error) as e:  # best effort: a run never fails over its logs
         print(f"warning: Ray's logs stay in {logs} (not copied into the run dir: {e})", file=sys.stderr)
 
@@ -263,13 +269,35 @@ def submission_id(cfg: config_mod.Config) -> str:
 
 
 def _job_env_vars() -> dict[str, str]:
-    keys = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")
+    # No WANDB_API_KEY (nor any credential): a job's runtime env is logged in clear on the cluster
+    # (`_job_config_text`).
+    keys = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL")
     keys += ("GLOO_SOCKET_IFNAME", "PIPELINE_FAULTS", "NCCL_SOCKET_IFNAME")
     # The driver's ray.init adds the workers' env vars (run()): let Ray merge them into the job's
     # runtime env (working dir included) instead of refusing the overlap.
     return {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"} | {
         k: os.environ[k] for k in keys if k in os.environ
     }
+
+
+def _job_config_text(job_cfg: config_mod.Config, out: Any) -> str:
+    """The job's config.yaml: without the credentials of storage_options (not even redacted: the
+    cluster has no PIPELINE_SECRETS), so s3fs/boto on the cluster use the nodes' own credentials."""
+    import yaml
+
+    tree = job_cfg.to_dict()
+    if dropped := secrets.strip(tree):
+        out.write(
+            f"note: {', '.join(dropped)} not sent with the job (Ray keeps a job's files and env in "
+            "clear): the cluster's nodes read credentials from their own environment "
+            "(AWS_ACCESS_KEY_ID, ...) or ~/.aws/credentials\n"
+        )
+    if os.environ.get("WANDB_API_KEY"):
+        out.write(
+            "note: WANDB_API_KEY not sent with the job: the cluster's nodes need their own "
+            "(their environment, or `wandb login`)\n"
+        )
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def _module_source(path: str, key: str) -> Path | None:
@@ -384,7 +412,7 @@ def submit_job(
                 ignore=shutil.ignore_patterns("__pycache__"),
             )
             job_cfg, modules = job_code(cfg, py_modules or [], Path(staging_root), out)
-            (staging / "config.yaml").write_text(config_mod.dump_yaml(job_cfg))
+            (staging / "config.yaml").write_text(_job_config_text(job_cfg, out))
             runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": _job_env_vars()}
             if modules:
                 # Ray unpacks them on every node and puts them on the job's (driver's and workers')

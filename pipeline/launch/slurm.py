@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
+from pipeline import secrets
 from pipeline.config import Config, ConfigError
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ray-on-slurm.sbatch"
@@ -148,9 +149,11 @@ def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
     """Write the config snapshot and the script into RUN_DIR/slurm/, sbatch it; (job id, log path)."""
     snapshot, script_path, log_path = paths(cfg)
     script = render(cfg, workdir)
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.write_text(config_mod.dump_yaml(cfg))
-    script_path.write_text(script)
+    # 0700/0600: the snapshot has credentials as `***` (the job gets them from the environment sbatch
+    # exports), and slurm.setup lines may hold anything
+    secrets.private_dir(snapshot.parent)
+    secrets.write_private(snapshot, config_mod.dump_yaml(cfg))
+    secrets.write_private(script_path, script)
     try:
         out = subprocess.run(
             ["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False
