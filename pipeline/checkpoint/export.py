@@ -2,6 +2,9 @@
 
 FILE        torch.save(state_dict): `model.load_state_dict(torch.load(FILE), strict=True)`
 FILE.json   what built the model: registry name, args, input shape, classes, source checkpoint
+
+Every file of the checkpoint is read with tensors only (trust.py): a checkpoint from elsewhere whose
+files would need arbitrary unpickling is refused (exit 2), naming the file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint import trust
 from pipeline.checkpoint.commit import CheckpointError, verify
 
 
@@ -23,19 +27,20 @@ def consolidated_state_dict(ckpt: Path, engine: str = "model") -> dict[str, torc
         raise CheckpointError(f"checkpoint {ckpt} has no engine '{engine}' (it has {manifest['engines']})")
     ds_dir = Path(ckpt) / "engines" / engine
     tag = manifest["engine_tag"]
+    trust.check_tree(ds_dir)  # the MANIFEST proves integrity, not trust: tensors only, else refused
     if manifest["zero_stage"] == 0:
         # Without ZeRO, the model-states file holds the whole module (fp32 master weights with autocast).
-        states = torch.load(
-            ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
-        state_dict = states["module"]
+        state_dict = trust.load(ds_dir / tag / "mp_rank_00_model_states.pt")["module"]
     else:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # ZeRO 1-3 partition the fp32 master weights over ranks: DeepSpeed's reader merges them.
+        # ZeRO 1-3 partition the fp32 master weights over ranks: DeepSpeed's reader merges them. It
+        # asks torch.load for weights_only=False: tensors_only overrides that (also for a file that
+        # changed since the check).
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+        with trust.tensors_only():
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 

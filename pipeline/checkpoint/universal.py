@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from pipeline.checkpoint import trust
 from pipeline.checkpoint.commit import ENGINE_TAG, CheckpointError
 
 UNIVERSAL_TAG = f"{ENGINE_TAG}_universal"
@@ -26,20 +26,23 @@ def universal_dir(ckpt: Path, engine: str) -> Path:
 
 
 def convert(ckpt: Path, engine: str) -> Path:
-    """Convert (if not cached) and return the load dir. Run on one rank; the others wait."""
+    """Convert (if not cached) and return the load dir. Run on one rank; the others wait. The source
+    (or the cached conversion) is refused (trust.UnsafeCheckpoint) unless it holds tensors only."""
     target = universal_dir(ckpt, engine)
     if (target / UNIVERSAL_TAG).is_dir():
+        trust.check_tree(target)  # a cache beside a checkpoint from elsewhere came from there too
         return target
     source = Path(ckpt) / "engines" / engine / ENGINE_TAG
+    trust.check_tree(source)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     env = {**os.environ}
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     # --inject_missing_state: plain (non-Megatron) models carry no universal_checkpoint_info.
-    command = [
-        sys.executable,
-        "-m",
+    # trust.command: every torch.load of the converter (it asks for weights_only=False) reads tensors
+    # only, so a checkpoint from elsewhere cannot run code through it; the caller checked its files.
+    command = trust.command(
         "deepspeed.checkpoint.ds_to_universal",
         "--input_folder",
         str(source),
@@ -50,7 +53,7 @@ def convert(ckpt: Path, engine: str) -> Path:
         "1",
         "--num_merge_workers",
         "1",
-    ]
+    )
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Load weights from outside a run, safely: `init_from` for fine-tuning.
 
-Our own checkpoints are verified against their MANIFEST before anything in them is unpickled;
-safetensors files hold no code; any other file is read with `torch.load(weights_only=True)`, so a
-file that needs arbitrary unpickling (which can run code) is refused, never executed.
+A checkpoint dir of this pipeline is verified against its MANIFEST (integrity), then every file in it
+is read with tensors only (trust.py: whoever supplies the dir writes its MANIFEST too); safetensors
+files hold no code; any other file is read with `torch.load(weights_only=True)`. So a file that needs
+arbitrary unpickling (which can run code) is refused, never executed, also inside a checkpoint dir.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         ckpt = find(source)
         if ckpt is None:
             raise CheckpointError(f"init_from: {source} holds no committed checkpoint")
-        return consolidated_state_dict(ckpt)  # verifies every file's sha256 first
+        return consolidated_state_dict(ckpt)  # verifies every file's sha256, then tensors only
     if not source.is_file():
         raise CheckpointError(f"init_from: {source} does not exist")
     if source.suffix == ".safetensors":

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline import config as config_mod
 from pipeline import imports, models, secrets, tasks
-from pipeline.checkpoint import commit, store
+from pipeline.checkpoint import commit, store, trust
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_first_sample, check_shard_count, shards_per_rank
@@ -161,6 +161,7 @@ def resume_point(cfg: Config) -> Path | None:
         if path is None:
             raise ConfigError(f"config key 'resume': no committed checkpoint at {cfg.resume}")
         commit.verify(path)
+        trust.check_tree(path)  # a checkpoint from elsewhere: tensors only, else exit 2 naming the file
         return path
     except commit.CheckpointError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
@@ -197,6 +198,11 @@ def check_task(cfg: Config, task: Any, model: Any) -> None:
             "train the classifier first (e.g. `pipeline train configs/cnn-mnist5k.yaml`)"
         )
         cfg.task.score_classifier = None  # cfg is the plan's own copy (see _absolute)
+    if cfg.task.score_classifier:  # a checkpoint from elsewhere: tensors only, else exit 2 naming the file
+        try:
+            trust.check_tree(commit.find(Path(cfg.task.score_classifier)) / "engines")
+        except commit.CheckpointError as e:
+            raise ConfigError(f"config key 'task.score_classifier': {e}") from None
 
 
 def make_plan(cfg: Config) -> Plan:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline import models, tasks
-from pipeline.checkpoint import commit, store
+from pipeline.checkpoint import commit, store, trust
 from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
@@ -291,6 +291,7 @@ def build_engines(
             n = finetune.hold_batchnorm_stats(module, held, cfg.init_from.unfreeze_at_step, steps)
             init["batchnorm_held"] = init.get("batchnorm_held", 0) + n
     torch.manual_seed(cfg.seed * 100_003 + env.rank)
-    for name, (load_dir, load_tag, _) in loads.items():
-        engines[name].load(load_dir, load_tag)
+    with trust.tensors_only():  # DeepSpeed's loads ask for weights_only=False: tensors only, any checkpoint
+        for name, (load_dir, load_tag, _) in loads.items():
+            engines[name].load(load_dir, load_tag)
     return engines, universal, init
