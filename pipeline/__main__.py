@@ -157,13 +157,16 @@ def data_inspect(
         ..., help="a directory with a MANIFEST.json (`pipeline data prepare` or `pipeline data index`)"
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="skip sha256 and sample counts"),
+    allow_manifest_pipe: bool = typer.Option(
+        False, "--allow-manifest-pipe", help="run the `pipe:` command the MANIFEST's root names (yours?)"
+    ),
 ) -> None:
     """Print a dataset's counts, classes and shards; verify checksums (exit 2 if bad)."""
     from pipeline.data import shards
 
     try:
         manifest = shards.read_manifest(directory)
-        problems = shards.inspect_prepared(directory, verify=not no_verify)
+        problems = shards.inspect_prepared(directory, verify=not no_verify, allow_pipe=allow_manifest_pipe)
     except ConfigError as e:
         _fail(str(e))
     typer.echo(

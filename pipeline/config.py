@@ -102,6 +102,11 @@ class DataConfig(Section):
         description="your decode function, 'package.module:function' or 'file.py:function': "
         "sample dict (key -> bytes) -> (input array or tensor, int target); replaces data.fields",
     )
+    allow_manifest_pipe: bool = Field(
+        False,
+        description="run the `pipe:` shell command a data MANIFEST's root names (only for a MANIFEST you "
+        "wrote or checked; pipe: URLs you give in data.train/data.val always run)",
+    )
 
     @field_validator("image_size")
     @classmethod

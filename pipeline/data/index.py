@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import shards
+from pipeline.data.manifest import check_name
 from pipeline.data.shards import MANIFEST, DataError, DataSpec, is_remote
 from pipeline.data.transforms import conform, find_input_key, find_target_key, is_image_array, members
 
@@ -184,7 +185,8 @@ def _common_dir(dirs: list[str]) -> str:
 
 def root_and_names(urls: list[str], out: str) -> tuple[str | None, list[str], str]:
     """(root, shard names relative to it, root_suffix). The root is None when it is `out` itself
-    (the MANIFEST sits beside the shards); names are plain relative paths (shards.check_name)."""
+    (the MANIFEST sits beside the shards); names are plain relative paths (manifest.check_name, the
+    rule every MANIFEST's names follow)."""
     if any(u.startswith("pipe:") for u in urls):
         if not all(u.startswith("pipe:") for u in urls):
             raise DataError("`pipe:` shards and other shards cannot be indexed together")
@@ -213,12 +215,14 @@ def root_and_names(urls: list[str], out: str) -> tuple[str | None, list[str], st
         names = [u[len(common) + 1 :] for u in urls]
         root = None if out.rstrip("/") == common else common
     else:
-        paths = [os.path.abspath(u.removeprefix("file://")) for u in urls]
+        # real paths: a shard that is a symlink is recorded where it lives, since training refuses a
+        # name that leads out of its MANIFEST's directory through a symlink (files.confined)
+        paths = [os.path.realpath(u.removeprefix("file://")) for u in urls]
         common = os.path.commonpath([os.path.dirname(p) for p in paths])
         names = [Path(p).relative_to(common).as_posix() for p in paths]
-        root = None if not is_remote(out) and os.path.abspath(out) == common else common
+        root = None if not is_remote(out) and os.path.realpath(out) == common else common
     for name in names:
-        shards.check_name(name, "index")
+        check_name(name, "index")
     return root, names, ""
 
 

@@ -1,15 +1,5 @@
 """Write WebDataset tar shards + MANIFEST.json, verify them, and resolve `data.train`/`data.val`.
-
-A prepared directory (`pipeline data prepare`, format pipeline-shards/1):
-    MANIFEST.json          format, source, classes, sample shape, normalisation, splits with
-                           per-shard {name, samples, bytes, sha256}
-    train-000000.tar ...   WebDataset shards: <key>.png (encoded image) + <key>.cls (label, ascii)
-    val-000000.tar ...
-
-An indexed directory (`pipeline data index`, pipeline/data/index.py, format pipeline-shards/2): the
-same MANIFEST over a user's existing shards, plus the detected `fields` (input and target keys),
-`keys`, `label_type` and, when the MANIFEST is not in the shards' own directory, a top-level `root`
-(directory or URL prefix) that the shard names are relative to.
+The MANIFEST format and the checks on one read from anywhere are in data/manifest.py.
 
 We write tars with the standard library rather than ``webdataset.TarWriter`` so that the bytes are
 reproducible (fixed mtime/uid/order): the same seed gives the same sha256, which the MANIFEST records.
@@ -30,19 +20,22 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.data.manifest import (  # re-exported: users of shards.X keep working
+    FORMAT,
+    FORMAT_INDEXED,
+    HOW_TO_INDEX,
+    HOW_TO_PREPARE,
+    MANIFEST,
+    DataError,
+    _what,
+    is_remote,
+    read_manifest,
+    shard_base,
+    shard_url,
+    shard_urls,
+)
 from pipeline.data.sources import Source
 from pipeline.files import fsync_tree, sha256_file
-
-MANIFEST = "MANIFEST.json"
-FORMAT = "pipeline-shards/1"  # `pipeline data prepare`
-FORMAT_INDEXED = "pipeline-shards/2"  # `pipeline data index`: adds root, fields, keys, label_type
-FORMATS = (FORMAT, FORMAT_INDEXED)
-HOW_TO_INDEX = "index existing shards with `pipeline data index SHARDS --out DIR`"
-HOW_TO_PREPARE = "write new ones with `pipeline data prepare SOURCE --out DIR`"
-
-
-class DataError(ConfigError):
-    """Bad input data found before training starts (exit 2)."""
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -52,6 +45,13 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info.mode = 0o644
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(payload))
+
+
+def sample_key(source_name: str, index: int) -> str:
+    """A sample's key in its tar. Webdataset splits a member name at the first '.' of its file name
+    (KEY.EXT), so a dot in the source's name (imagefolder:my.photos, npz:scans.v2.npz) would merge every
+    sample of a shard into one: dots (and any '/') become '_'."""
+    return f"{source_name.replace('.', '_').replace('/', '_')}-{index:06d}"
 
 
 def _write_split(
@@ -73,7 +73,7 @@ def _write_split(
             while position < len(indices) and count < samples_per_shard:
                 i = int(indices[position])
                 # The key keeps the source index, so any consumed sample can be traced to its origin.
-                key = f"{source.name}-{i:06d}"
+                key = sample_key(source.name, i)
                 ext, payload = source.payload(i)
                 _add_member(tar, f"{key}.{ext}", payload)
                 _add_member(tar, f"{key}.cls", str(label_of[int(source.labels[i])]).encode())
@@ -104,6 +104,34 @@ def _split_indices(
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
 
 
+_PREPARED_SHARD = re.compile(r"(train|val)-\d{6}\.tar")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """`--out` must be new or empty; `--overwrite` replaces only a dataset `prepare` wrote (its MANIFEST,
+    its shards and nothing else), never a directory someone pointed it at by mistake (a home dir, an
+    indexed dataset whose shards are the user's own)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose another --out")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; choose another dir or pass --overwrite")
+    refuse = f"--overwrite refuses to replace {out}"
+    try:
+        manifest = read_manifest(out)
+    except DataError as e:
+        raise ConfigError(f"{refuse}: it is not a dataset `pipeline data prepare` wrote ({e})") from None
+    if manifest["format"] != FORMAT:
+        raise ConfigError(f"{refuse}: its {MANIFEST} indexes shards of yours (`pipeline data index`)")
+    foreign = [name for name in entries if name != MANIFEST and not _PREPARED_SHARD.fullmatch(name)]
+    if foreign:
+        raise ConfigError(f"{refuse}: it holds files `prepare` did not write ({', '.join(foreign[:5])})")
+
+
 def write_prepared(
     source: Source,
     out: Path,
@@ -130,8 +158,7 @@ def write_prepared(
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError("--val-fraction must be in [0, 1)")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty; choose another dir or pass --overwrite")
+    check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -162,10 +189,9 @@ def write_prepared(
             manifest["splits"][split] = {"samples": len(idx), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(tmp)  # the payload is durable before the rename makes it visible
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
+        if out.exists():  # check_out: a dataset we wrote, or empty
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old)  # onto the empty temp dir: a name nobody else uses
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -173,74 +199,6 @@ def write_prepared(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-def is_remote(location: str | Path) -> bool:
-    text = str(location)
-    return ("://" in text and not text.startswith("file://")) or text.startswith("pipe:")
-
-
-def read_manifest(directory: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The MANIFEST of a prepared directory: a local path or an fsspec URL (s3://bucket/prefix)."""
-    location = str(directory).rstrip("/")
-    path = f"{location}/{MANIFEST}"
-    try:
-        if is_remote(location):
-            import fsspec  # only for object stores
-
-            with fsspec.open(path, "rt", **(storage_options or {})) as f:
-                text = f.read()
-        else:
-            text = Path(path.removeprefix("file://")).read_text()
-    except FileNotFoundError:
-        raise DataError(
-            f"{directory} has no {MANIFEST} (the per-shard sample counts the data cursor needs): "
-            f"{HOW_TO_INDEX}, or {HOW_TO_PREPARE}"
-        ) from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e}); re-run `pipeline data index` (or `pipeline data prepare`)"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: unknown format {found!r}, expected one of {', '.join(FORMATS)}")
-    for info in manifest.get("splits", {}).values():
-        for shard in info["shards"]:
-            check_name(shard["name"], path)
-    root = manifest.get("root")
-    if root is not None and (not isinstance(root, str) or not root):
-        raise DataError(f"{path}: 'root' must be a directory or URL prefix, not {root!r}")
-    return manifest
-
-
-def check_name(name: Any, where: str) -> None:
-    """Shard names in a MANIFEST are plain relative paths under its directory (or its `root`)."""
-    bad = (
-        not isinstance(name, str)
-        or not name
-        or name.startswith(("/", "~", "\\"))
-        or "\\" in name
-        or "://" in name
-        or name.startswith("pipe:")
-        or ":" in name.split("/")[0]  # C:... drive letters
-        or any(part in ("", ".", "..") for part in name.split("/"))
-    )
-    if bad:
-        raise DataError(f"{where}: shard name {name!r} is not a plain relative path (no '..', not absolute)")
-
-
-def shard_base(manifest: dict[str, Any], directory: str) -> str:
-    """Where a MANIFEST's shard names are relative to: its `root`, else its own directory."""
-    return str(manifest.get("root") or directory).rstrip("/")
-
-
-def shard_url(manifest: dict[str, Any], directory: str, name: str) -> str:
-    """A shard's URL: base/name (+ the `root_suffix` of a `pipe:` command, e.g. ' -')."""
-    return f"{shard_base(manifest, directory)}/{name}{manifest.get('root_suffix', '')}"
 
 
 def _count_tar_samples(path: Path) -> int:
@@ -253,15 +211,23 @@ def _count_tar_samples(path: Path) -> int:
 
 
 def inspect_prepared(
-    directory: Path, verify: bool = True, storage_options: dict[str, Any] | None = None
+    directory: Path,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    allow_pipe: bool = False,
 ) -> list[str]:
     """Check every shard against the MANIFEST (size, sha256, sample count). Returns the problems.
-    Shards under a remote `root` (s3://, pipe:) are read whole when `verify`, else not checked."""
+    Shards under a remote `root` (s3://, pipe:) are read whole when `verify`, else not checked; a
+    `pipe:` root runs only with `allow_pipe` (see shard_urls)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     base = shard_base(manifest, str(directory))
     problems = []
     for split, info in manifest["splits"].items():
+        # names leading outside the dataset (also through symlinks) are refused before any is read
+        shard_urls(
+            manifest, str(directory), info["shards"], allow_pipe=allow_pipe or not verify, key="inspect"
+        )
         for shard in info["shards"]:
             if is_remote(base):
                 if verify:
@@ -272,12 +238,11 @@ def inspect_prepared(
             if not path.is_file():
                 problems.append(f"{split}: shard {path} is missing")
                 continue
-            if path.stat().st_size != shard["bytes"]:
-                problems.append(
-                    f"{split}: shard {path} has {path.stat().st_size} bytes, MANIFEST says {shard['bytes']}"
-                )
+            size = path.stat().st_size
+            if size != shard.get("bytes"):
+                problems.append(f"{split}: shard {path} has {size} bytes, MANIFEST says {shard.get('bytes')}")
                 continue
-            if verify and sha256_file(path) != shard["sha256"]:
+            if verify and sha256_file(path) != shard.get("sha256"):
                 problems.append(f"{split}: shard {path} sha256 differs from the MANIFEST (corrupt?)")
                 continue
             if verify:
@@ -349,11 +314,6 @@ def _has_braces(text: str) -> bool:
     return "{" in text or "}" in text
 
 
-def _what(key: str) -> str:
-    """How errors name where a pattern came from: a config key, or a CLI argument (SHARDS, --val)."""
-    return f"config key '{key}'" if key.startswith("data.") else key
-
-
 def split_parts(pattern: str, key: str, missing_ok: bool = False) -> list[str]:
     """The parts of a `::` list (`a.tar::dir/b-{0..3}.tar`), each local part without braces checked
     to exist first, so a missing one is named as such (not as a brace or MANIFEST problem)."""
@@ -400,6 +360,28 @@ def _check_local(urls: list[str], key: str, missing_ok: bool) -> None:
     print(f"warning: {message}; data.on_error=skip: their samples will be skipped and counted")
 
 
+def _check_sizes(split: _Split, key: str, missing_ok: bool) -> None:
+    """A 0-byte or short local shard (a copy cut short, a full disk) found before anything starts: one
+    stat per shard against the size its MANIFEST recorded (the sha256 is `pipeline data inspect`'s)."""
+    wrong = []
+    for url, declared in zip(split.urls, split.sizes, strict=True):
+        path = Path(url.removeprefix("file://"))
+        if is_remote(url) or not path.is_file():  # missing ones are _check_local's
+            continue
+        size = path.stat().st_size
+        if size == 0 or (declared is not None and size != declared):
+            wrong.append(f"{url} has {size} bytes, its {MANIFEST} says {declared}")
+    if not wrong:
+        return
+    message = f"config key '{key}': {len(wrong)} of {len(split.urls)} shard(s) are damaged, first: {wrong[0]}"
+    if not missing_ok:
+        raise DataError(
+            f"{message}. Copy them again (or re-run `pipeline data prepare`/`pipeline data index`), or set "
+            "data.on_error=skip to train on what is readable"
+        )
+    print(f"warning: {message}; data.on_error=skip: their unreadable samples will be skipped and counted")
+
+
 def _is_directory(location: str) -> bool:
     if is_remote(location):
         return not any(c in location for c in "{}") and not location.endswith((".tar", ".tgz", ".tar.gz"))
@@ -411,10 +393,11 @@ class _Split:
     urls: list[str]
     counts: list[int]
     samples: int
+    sizes: list[int | None]  # declared bytes per shard (MANIFEST), None where not recorded
 
 
 def _from_directory(
-    location: str, split: str, key: str, storage_options: dict[str, Any]
+    location: str, split: str, key: str, storage_options: dict[str, Any], allow_pipe: bool = False
 ) -> tuple[_Split, dict]:
     manifest = read_manifest(location, storage_options)
     if split not in manifest["splits"]:
@@ -426,9 +409,9 @@ def _from_directory(
             )
         raise DataError(f"config key '{key}': {location}/{MANIFEST} has no '{split}' split{hint}")
     shard_list = manifest["splits"][split]["shards"]
-    urls = [shard_url(manifest, location, s["name"]) for s in shard_list]
+    urls = shard_urls(manifest, location, shard_list, allow_pipe=allow_pipe, key=key)
     counts = [int(s["samples"]) for s in shard_list]
-    return _Split(urls, counts, sum(counts)), manifest
+    return _Split(urls, counts, sum(counts), [s.get("bytes") for s in shard_list]), manifest
 
 
 _SHARD_IN_URL = re.compile(r"(\S+)/([\w.-]+\.(?:tar|tgz|tar\.gz))(?:\s|$)")
@@ -454,8 +437,8 @@ def _from_pattern(
     urls = expand_urls(pattern, key, missing_ok)
     _check_local(urls, key, missing_ok)
     manifests: dict[str, dict] = {}
-    declared: dict[str, dict[str, int]] = {}  # directory -> shard name -> samples
-    counts = []
+    declared: dict[str, dict[str, dict]] = {}  # directory -> shard name -> its MANIFEST entry
+    counts, sizes = [], []
     for url in urls:
         directory, name = _dir_and_name(url)
         if directory not in manifests:
@@ -465,7 +448,7 @@ def _from_pattern(
                 raise DataError(f"config key '{key}': {e}") from None
             # a MANIFEST with a `root` describes shards elsewhere, not the ones beside it
             declared[directory] = {
-                s["name"]: int(s["samples"])
+                s["name"]: s
                 for info in manifest["splits"].values()
                 for s in info["shards"]
                 if "root" not in manifest
@@ -475,15 +458,16 @@ def _from_pattern(
                 f"config key '{key}': shard {url} is not listed in the {MANIFEST} beside it; the data "
                 f"cursor needs each shard's sample count: {HOW_TO_INDEX} and set {key}=DIR"
             )
-        counts.append(declared[directory][name])
-    return _Split(urls, counts, sum(counts)), manifests[_dir_and_name(urls[0])[0]]
+        counts.append(int(declared[directory][name]["samples"]))
+        sizes.append(declared[directory][name].get("bytes"))
+    return _Split(urls, counts, sum(counts), sizes), manifests[_dir_and_name(urls[0])[0]]
 
 
 def _split(
-    location: str, split: str, key: str, storage_options: dict[str, Any], missing_ok: bool
+    location: str, split: str, key: str, storage_options: dict[str, Any], missing_ok: bool, allow_pipe: bool
 ) -> tuple[_Split, dict]:
     if "::" not in location and _is_directory(location):
-        return _from_directory(location, split, key, storage_options)
+        return _from_directory(location, split, key, storage_options, allow_pipe)
     if (
         "::" not in location
         and not is_remote(location)
@@ -503,19 +487,25 @@ def resolve(
     storage_options: dict[str, Any] | None = None,
     missing_ok: bool = False,
     image_size: list[int] | tuple[int, int] | None = None,
+    allow_manifest_pipe: bool = False,
 ) -> DataSpec:
     """Turn `data.train` / `data.val` (prepared dirs, local or s3://, or shard patterns) into shard
-    lists with declared counts and shapes. Raises DataError naming the key."""
+    lists with declared counts and shapes. Raises DataError naming the key. `allow_manifest_pipe`:
+    run the `pipe:` command a MANIFEST's root names (data.allow_manifest_pipe)."""
     options = storage_options or {}
-    train_split, manifest = _split(train, "train", "data.train", options, missing_ok)
+    pipe = allow_manifest_pipe
+    train_split, manifest = _split(train, "train", "data.train", options, missing_ok, pipe)
     if val is None:
         if not _is_directory(train):
             raise DataError("config key 'data.val' is required when data.train lists shard URLs")
-        val_split, _ = _from_directory(train, "val", "data.train", options)
+        val_split, _ = _from_directory(train, "val", "data.train", options, pipe)
     else:
-        val_split, _ = _split(val, "val", "data.val", options, missing_ok)
-    _check_local(train_split.urls, "data.train", missing_ok)
-    _check_local(val_split.urls, "data.val", missing_ok)
+        val_split, _ = _split(val, "val", "data.val", options, missing_ok, pipe)
+    if not train_split.urls:  # the loader would wait for a first sample forever, before any collective
+        raise DataError(f"config key 'data.train': {train} declares no train samples; {HOW_TO_PREPARE}")
+    for split, key in ((train_split, "data.train"), (val_split, "data.val")):
+        _check_local(split.urls, key, missing_ok)
+        _check_sizes(split, key, missing_ok)
     kind = manifest.get("kind", "image")
     shape = manifest["sample_shape"]
     if image_size is not None and kind == "image":

@@ -213,6 +213,7 @@ def make_plan(cfg: Config) -> Plan:
         cfg.data.storage_options,
         missing_ok=cfg.data.on_error == "skip",
         image_size=cfg.data.image_size,
+        allow_manifest_pipe=cfg.data.allow_manifest_pipe,
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     check_first_sample(spec, cfg.data)  # a wrong data.fields / data.decode fails here: exit 2

@@ -361,7 +361,7 @@ def test_pipe_urls_index_with_a_pipe_root(digits_dir, tmp_path):
         assert manifest["splits"][split]["shards"] == [
             {**s, "keys": ["cls", "png"]} for s in prepared["splits"][split]["shards"]
         ]
-    spec = shards.resolve(str(out), None)
+    spec = shards.resolve(str(out), None, allow_manifest_pipe=True)  # the user wrote this pipe:
     assert spec.train_urls[3] == f"pipe:cat {digits_dir}/train-000003.tar"
     stream.check_first_sample(spec, config.DataConfig(train=str(out)))
 
