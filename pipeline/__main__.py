@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -247,7 +248,12 @@ def train(
         )
         raise typer.Exit(EXIT_PREEMPTED) from None
     except launch.TrainingFailed as e:
-        _fail(f"training failed: {e}", EXIT_FAILED)
+        # the same command resumes: from the newest verified checkpoint in the run dir (resume=auto)
+        command = shlex.join(["pipeline", "train", str(config), *(overrides or [])])
+        _fail(
+            f"training failed: {e}\nto resume from the last committed checkpoint, re-run: {command}",
+            EXIT_FAILED,
+        )
     except ConfigError as e:
         _fail(str(e))
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and isinstance(v, float)}

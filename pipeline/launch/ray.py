@@ -166,6 +166,36 @@ def _keep_session_logs(logs: Path | None, run_dir: Path) -> None:
         print(f"warning: Ray's logs stay in {logs} (not copied into the run dir: {e})", file=sys.stderr)
 
 
+def _failure_message(error: Exception, cfg: config_mod.Config) -> str:
+    """Each failed rank with its root cause (exception type and message), instead of Ray's summary,
+    which repeats every traceback the workers already printed above it."""
+    failures = getattr(error, "worker_failures", None)  # a WorkerGroupError: {rank: exception}
+    if not failures:
+        return str(error)
+    cluster = cfg.cluster
+    causes = {rank: _root_cause(exc) for rank, exc in sorted(failures.items())}
+    message = "; ".join(f"rank {rank}: {cause}" for rank, cause in causes.items())
+    silent = sorted(set(range(cluster.num_workers)) - set(failures))
+    if silent and all(re.search(r"tim(ed|ing) out", cause, re.IGNORECASE) for cause in causes.values()):
+        # the rank that hangs raises nothing: the others' collectives give up on it
+        message += (
+            f" (a collective waited cluster.collective_timeout_s={cluster.collective_timeout_s} s for "
+            f"rank(s) {', '.join(map(str, silent))}, which raised nothing: hung or too slow)"
+        )
+    return (
+        f"{message} (after cluster.max_failures={cluster.max_failures} restart(s); the traceback is "
+        f"above and in {cfg.resolved_run_dir / 'logs'})"
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """`Type: first line of the message`: a dead worker's error (RayActorError) runs to many lines."""
+    cause = getattr(exc, "cause", None)  # a RayTaskError wraps what the task raised
+    exc = cause if isinstance(cause, BaseException) else exc
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
+
+
 def run(payload: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -244,7 +274,7 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
             with relay if progress == "relay" or not verbose else contextlib.nullcontext():
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            raise TrainingFailed(str(e)) from e
+            raise TrainingFailed(_failure_message(e, cfg)) from e
         if result.error is not None:
             raise TrainingFailed(str(result.error))
         return dict(result.metrics or {})

@@ -9,6 +9,8 @@ micro-batch of a step with train.grad_accum > 1, counted from 0; without it ever
     nan            make the loss of step STEP non-finite (every time the step is reached)
     crash_in_save  SIGKILL inside the checkpoint write of step STEP, before the commit (once)
     enospc         raise OSError(ENOSPC) while committing the checkpoint of step STEP (once)
+    raise          raise InjectedFault (a RuntimeError) at the start of step STEP (once per run dir)
+    raise_always   the same, every time the step is reached: the run fails on every attempt
 Faults marked "once" leave a marker in <run_dir>/.faults/, so a restarted run does not repeat them.
 Unset (the default), nothing here does anything.
 """
@@ -24,6 +26,13 @@ from pathlib import Path
 
 KINDS = {"kill", "hang", "nan", "crash_in_save", "enospc"}
 ONCE = {"kill", "hang", "crash_in_save", "enospc"}
+# An exception in the training code, not a dead process: what the launcher reports as the root cause.
+KINDS |= {"raise", "raise_always"}
+ONCE |= {"raise"}
+
+
+class InjectedFault(RuntimeError):
+    """What the `raise` and `raise_always` faults throw."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,11 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._fires("hang", step):
             time.sleep(24 * 3600)
+        self._raise_at(step)
+
+    def _raise_at(self, step: int) -> None:
+        if self._fires("raise", step) or self._fires("raise_always", step):
+            raise InjectedFault(f"injected by PIPELINE_FAULTS at step {step} on rank {self.rank}")
 
     def nan_loss(self, step: int, micro: int = 0) -> bool:
         return self._fires("nan", step, micro)
