@@ -130,6 +130,20 @@ def test_a_checkpoint_manifest_that_is_not_ours_is_refused_naming_it(tmp_path, t
     assert str(tmp_path / commit.MANIFEST) in str(caught.value)
 
 
+def test_resume_auto_passes_over_a_local_traversal_commit_to_the_previous_one(tmp_path):
+    from pipeline.checkpoint.store import Store
+
+    root = tmp_path / "checkpoints"
+    good = root / "step_00000001"
+    write_commit(good, {"trainer_state.json": b"{}"})
+    (good / "trainer_state.json").write_bytes(b"{}")
+    (tmp_path / "secret").write_bytes(b"s")
+    write_commit(root / "step_00000002", {"../../secret": b"s"})  # newer, and it verifies by its hashes
+    warnings: list[str] = []
+    assert Store(root).newest_verified(warn=warnings.append) == good
+    assert len(warnings) == 1 and "step_00000002" in warnings[0] and "'../../secret'" in warnings[0]
+
+
 def test_our_own_commits_still_verify(tmp_path):
     ckpt = tmp_path / "step_00000007"
     (ckpt / "engines" / "model" / "state").mkdir(parents=True)
