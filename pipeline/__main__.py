@@ -248,12 +248,7 @@ def train(
         )
         raise typer.Exit(EXIT_PREEMPTED) from None
     except launch.TrainingFailed as e:
-        # the same command resumes: from the newest verified checkpoint in the run dir (resume=auto)
-        command = shlex.join(["pipeline", "train", str(config), *(overrides or [])])
-        _fail(
-            f"training failed: {e}\nto resume from the last committed checkpoint, re-run: {command}",
-            EXIT_FAILED,
-        )
+        _fail(f"training failed: {e}\n{_resume_hint(config, overrides or [])}", EXIT_FAILED)
     except ConfigError as e:
         _fail(str(e))
     evals = {k: v for k, v in result.metrics.items() if k.startswith("eval/") and isinstance(v, float)}
@@ -262,6 +257,19 @@ def train(
         typer.echo(f"final validation accuracy: {result.metrics['eval/accuracy']:.4f}")
     if result.checkpoint is not None:
         typer.echo(f"checkpoint: {result.checkpoint}")
+
+
+def _resume_hint(config: Path, overrides: list[str]) -> str:
+    """The command that resumes a failed run: the same one (resume=auto takes the newest verified
+    checkpoint of the run dir). Inside a Slurm or Ray job, this command names the job's own cluster
+    (an address that is gone once the job ends): the job is what to submit again."""
+    if "SLURM_JOB_ID" in os.environ or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return (
+            "to resume from the last committed checkpoint, submit the job again the same way "
+            "(`pipeline submit slurm|ray` with the same config and overrides)"
+        )
+    command = shlex.join(["pipeline", "train", str(config), *overrides])
+    return f"to resume from the last committed checkpoint, re-run: {command}"
 
 
 submit_app = typer.Typer(help="Submit a run to a Slurm or Ray cluster.", no_args_is_help=True)

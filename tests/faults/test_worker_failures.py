@@ -60,7 +60,11 @@ def test_a_worker_that_raises_once_is_restarted_and_the_run_finishes(digits_dir,
 
 
 @pytest.mark.timeout(600)
-def test_a_worker_that_fails_every_attempt_exits_1_naming_rank_cause_and_resume_command(digits_dir, tmp_path):
+def test_a_worker_that_fails_every_attempt_exits_1_naming_rank_cause_and_resume_command(
+    digits_dir, tmp_path, monkeypatch
+):
+    for key in ("SLURM_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a job the hint names the job
+        monkeypatch.delenv(key, raising=False)
     run_dir = tmp_path / "run"
     args = [*ARGS, f"data.train={digits_dir}", "cluster.max_failures=1", f"run_dir={run_dir}"]
     proc = run_cli("train", *args, env={"PIPELINE_FAULTS": "raise_always@5:1", "WANDB_MODE": "disabled"})
@@ -128,3 +132,18 @@ def test_failure_message_names_each_failed_rank_with_the_first_line_of_its_cause
     )
     assert "pid" not in message and "hung" not in message  # nobody timed out: no hang suspected
     assert ray_launcher._failure_message(RuntimeError("controller"), cfg) == "controller"
+
+
+def test_the_resume_hint_is_the_same_command_or_inside_a_job_the_job(monkeypatch):
+    from pathlib import Path
+
+    from pipeline.__main__ import _resume_hint
+
+    for key in ("SLURM_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(key, raising=False)
+    hint = _resume_hint(Path("configs/my run.yaml"), ["model.args.channels=[8,16]", "run_dir=runs/a"])
+    assert hint.endswith(
+        "re-run: pipeline train 'configs/my run.yaml' 'model.args.channels=[8,16]' run_dir=runs/a"
+    )
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # the command names the job's cluster address: gone
+    assert "submit the job again" in _resume_hint(Path("c.yaml"), ["cluster.address=10.0.0.1:6379"])
