@@ -111,6 +111,8 @@ def check_out(out: Path, overwrite: bool) -> None:
     """`--out` must be new or empty; `--overwrite` replaces only a dataset `prepare` wrote (its MANIFEST,
     its shards and nothing else), never a directory someone pointed it at by mistake (a home dir, an
     indexed dataset whose shards are the user's own)."""
+    if out.is_symlink():  # replacing it would replace the link, not the dataset it points to
+        raise ConfigError(f"--out {out} is a symlink; give the directory it points to ({out.resolve()})")
     if not out.exists():
         return
     if not out.is_dir():

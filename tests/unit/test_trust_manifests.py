@@ -337,6 +337,9 @@ def test_overwrite_replaces_only_a_prepared_dataset_or_an_empty_dir(data, tmp_pa
     file.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         shards.write_prepared(source, file, overwrite=True)
+    (tmp_path / "link").symlink_to(data)
+    with pytest.raises(ConfigError, match="is a symlink; give the directory it points to"):
+        shards.write_prepared(source, tmp_path / "link", overwrite=True)
 
 
 def test_shards_symlinked_into_a_dir_are_indexed_where_they_live(small, tmp_path):
