@@ -190,8 +190,10 @@ def _failure_message(error: Exception, cfg: config_mod.Config) -> str:
 
 def _root_cause(exc: BaseException) -> str:
     """`Type: first line of the message`: a dead worker's error (RayActorError) runs to many lines."""
-    cause = getattr(exc, "cause", None)  # a RayTaskError wraps what the task raised
-    exc = cause if isinstance(cause, BaseException) else exc
+    # Ray's wrappers: a RayTaskError (what the task raised), a failed health check (a dead worker)
+    for wrapped in ("cause", "health_check_failure"):
+        inner = getattr(exc, wrapped, None)
+        exc = inner if isinstance(inner, BaseException) else exc
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
 

@@ -123,14 +123,19 @@ def test_failure_message_names_each_failed_rank_with_the_first_line_of_its_cause
     from pipeline import config
 
     cfg = config.load("configs/smoke.yaml", [f"run_dir={tmp_path}", "cluster.max_failures=3"])
-    dead = RuntimeError("The actor died unexpectedly before finishing this task.\n\tpid: 123\n\tip: x")
+    # a SIGKILLed worker: Ray's failed health check around its ActorDiedError, many lines each
+    dead = RuntimeError("A worker health check failed.\nWorker info: ...")
+    dead.health_check_failure = RuntimeError(
+        "The actor died unexpectedly before finishing this task.\n\tpid: 1"
+    )
     error = _WorkerGroupError({1: dead, 0: InjectedFault("boom")})
     message = ray_launcher._failure_message(error, cfg)
     assert message.startswith(
         "rank 0: InjectedFault: boom; rank 1: RuntimeError: The actor died unexpectedly before "
         "finishing this task. (after cluster.max_failures=3 restart(s)"
     )
-    assert "pid" not in message and "hung" not in message  # nobody timed out: no hang suspected
+    assert "health check" not in message and "pid" not in message
+    assert "hung" not in message  # nobody timed out: no hang suspected
     assert ray_launcher._failure_message(RuntimeError("controller"), cfg) == "controller"
 
 
