@@ -59,7 +59,9 @@ def data_prepare(
     shard_size_mb: float = typer.Option(0.0, "--shard-size-mb", help="target shard size in MB (0: off)"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="fraction held out (stratified)"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty --out"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace --out if it is a dataset `data prepare` wrote (or empty)"
+    ),
     classes: str = typer.Option(None, "--classes", help="keep only these labels, e.g. 0-4 or 5,7,9"),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="keep this fraction of train"),
 ) -> None:
