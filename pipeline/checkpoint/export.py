@@ -39,7 +39,7 @@ def consolidated_state_dict(ckpt: Path, engine: str = "model") -> dict[str, torc
         # changed since the check).
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with trust.tensors_only():
+        with trust.tensors_only(ds_dir):
             state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
 

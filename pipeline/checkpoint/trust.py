@@ -103,15 +103,18 @@ def load(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def tensors_only() -> Iterator[None]:
+def tensors_only(*where: Path) -> Iterator[None]:
     """Every `torch.load` in this process (any thread) inside the block unpickles tensors and ALLOWED
-    types only, whatever `weights_only` its caller passes. A refusal is an UnsafeCheckpoint."""
+    types only, whatever `weights_only` its caller passes. A refusal is an UnsafeCheckpoint, naming the
+    file when it lies under one of the dirs `where` (torch's error does not name it)."""
     before = {key: os.environ.pop(key, None) for key in (FORCE, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ[FORCE] = "1"
     try:
         with torch.serialization.safe_globals(_allowed_types()):
             yield
-    except pickle.UnpicklingError as e:  # torch's message does not name the file: the caller's may
+    except pickle.UnpicklingError as e:
+        for root in where:
+            check_tree(root)  # finds and names the file (only on this failure path)
         raise refused(None, e) from None
     finally:
         for key, value in before.items():

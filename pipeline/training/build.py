@@ -291,7 +291,8 @@ def build_engines(
             n = finetune.hold_batchnorm_stats(module, held, cfg.init_from.unfreeze_at_step, steps)
             init["batchnorm_held"] = init.get("batchnorm_held", 0) + n
     torch.manual_seed(cfg.seed * 100_003 + env.rank)
-    with trust.tensors_only():  # DeepSpeed's loads ask for weights_only=False: tensors only, any checkpoint
+    # DeepSpeed's loads ask torch for weights_only=False: tensors only, for any checkpoint (trust.py)
+    with trust.tensors_only(*(load_dir for load_dir, _, _ in loads.values())):
         for name, (load_dir, load_tag, _) in loads.items():
             engines[name].load(load_dir, load_tag)
     return engines, universal, init

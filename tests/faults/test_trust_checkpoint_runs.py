@@ -18,7 +18,7 @@ import torch
 from pipeline import config, launch
 from pipeline.checkpoint import commit, export, trust
 from pipeline.files import sha256_file
-from pipeline.launch.plan import make_plan
+from pipeline.launch.plan import TrainingFailed, make_plan
 from pipeline.training import evaluator
 from tests.helpers import run_cli
 
@@ -143,3 +143,18 @@ def test_a_payload_in_a_checkpoint_dir_is_refused_by_every_entry_point(runs, dig
     # task.score_classifier (read by the GAN task's evaluator)
     with pytest.raises(trust.UnsafeCheckpoint, match=f"{optim} needs io.open"):
         evaluator.load_classifier(str(tmp_path / "evil-z3"), "cpu")
+
+
+@pytest.mark.timeout(600)
+def test_deepspeeds_own_load_reads_tensors_only_also_in_a_run_dir_resumed_as_its_own(
+    runs, digits_dir, tmp_path, marker
+):
+    """resume=auto trusts the run dir it continues, but a file there that changed (or a commit another
+    writer put there) still cannot run code: DeepSpeed's load_checkpoint unpickles tensors only."""
+    run_dir = tmp_path / "own"
+    poisoned(runs / "z0", run_dir, "mp_rank_00_model_states.pt", marker)
+    cfg = config.load(
+        "configs/smoke.yaml", [*overrides(digits_dir, run_dir, "z0"), "train.max_steps=4", "resume=auto"]
+    )
+    with pytest.raises(TrainingFailed, match=r"mp_rank_00_model_states\.pt needs io\.open"):
+        launch.train(make_plan(cfg))

@@ -105,7 +105,13 @@ def test_tensors_only_overrides_deepspeeds_weights_only_false(tmp_path, marker):
     try:
         with trust.tensors_only():
             assert reader.load(str(good), map_location="cpu")["ds_version"] == "0.19.8"
-        with pytest.raises(trust.UnsafeCheckpoint, match="io.open"), trust.tensors_only():
+        with (
+            pytest.raises(trust.UnsafeCheckpoint, match="a checkpoint file needs io.open"),
+            trust.tensors_only(),
+        ):
+            reader.load(str(bad), map_location="cpu")
+        named = r"mp_rank_00_model_states\.pt needs io\.open"  # the dir given: the file is found, named
+        with pytest.raises(trust.UnsafeCheckpoint, match=named), trust.tensors_only(tmp_path):
             reader.load(str(bad), map_location="cpu")
         assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
         assert trust.FORCE not in os.environ  # restored: the block ends the override
