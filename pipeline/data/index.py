@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import shards
-from pipeline.data.manifest import check_name
+from pipeline.data.manifest import ALLOW_PIPE_KEY, check_name
 from pipeline.data.shards import MANIFEST, DataError, DataSpec, is_remote
 from pipeline.data.transforms import conform, find_input_key, find_target_key, is_image_array, members
 
@@ -490,6 +490,8 @@ def index_shards(
         )
     if label_type is None:
         echo("warning: no label key found (cls, label, target, json.label): indexed without labels")
+    if root is not None and root.startswith("pipe:"):  # manifest.shard_urls: never run unless allowed
+        echo(f"note: the root is a shell command; train with {ALLOW_PIPE_KEY}=true to run it")
     _write_manifest(out, manifest, options)
     return manifest
 
