@@ -227,6 +227,9 @@ def train(
 
     try:
         cfg = api.load_config(config, overrides or [])  # before torch is imported: a typo fails fast
+        # A credential given as an override stays out of what reads this process's argv later (W&B's
+        # run metadata, Ray's job table, spawned workers); `ps` still shows it: prefer the config file.
+        sys.argv[:] = [secrets.scrub(arg) for arg in sys.argv]
         plan = api.prepare(cfg)
     except ConfigError as e:
         _fail(str(e))

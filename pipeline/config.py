@@ -386,7 +386,42 @@ class Config(Section):
                 f"cluster.num_workers = {max_steps * per_step:.3g} samples, more than the 2**62 the "
                 "run's sample counters hold"
             )
+        self._check_offload()
         return self
+
+    def _check_offload(self) -> None:
+        """ZeRO offload as DeepSpeed gets it (zero.* with the raw `deepspeed` dict merged over it):
+        DeepSpeed silently ignores parameter offload below stage 3, and NVMe offload without a path
+        fails only in the workers."""
+        raw = self.deepspeed.get("zero_optimization") or {}
+        if not isinstance(raw, dict):
+            raise ValueError("config key 'deepspeed.zero_optimization': must be a mapping")
+        stage = raw.get("stage", self.zero.stage)
+        for part in self.offloaded():
+            section = raw.get(part) if isinstance(raw.get(part), dict) else {}
+            if part == "offload_param" and stage != 3:
+                raise ValueError(
+                    f"config key 'deepspeed.zero_optimization.offload_param': parameter offload needs ZeRO "
+                    f"stage 3 (DeepSpeed ignores it at stage {stage}); set zero.stage=3 or remove it"
+                )
+            if section.get("device") == "nvme" and not section.get("nvme_path"):
+                raise ValueError(
+                    f"config key 'deepspeed.zero_optimization.{part}': device nvme needs nvme_path (a "
+                    "directory on a local NVMe drive)"
+                )
+
+    def offloaded(self) -> dict[str, str]:
+        """{"offload_param" | "offload_optimizer": device} of what DeepSpeed will offload."""
+        raw = self.deepspeed.get("zero_optimization") or {}
+        own = {"offload_param": self.zero.offload_params, "offload_optimizer": self.zero.offload_optimizer}
+        out = {}
+        for part, on in own.items():
+            section = raw.get(part) if isinstance(raw, dict) else None
+            default = "cpu" if on else "none"  # ours; DeepSpeed's own default is none
+            device = section.get("device", default) if isinstance(section, dict) else default
+            if device != "none":
+                out[part] = str(device)
+        return out
 
     # Derived values live here so every component computes them the same way.
     def optim_for(self, engine: str) -> OptimConfig:

@@ -79,6 +79,17 @@ def deepspeed_config(
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def async_io_problem() -> str | None:
+    """Why DeepSpeed cannot offload to NVMe on this machine, or None. Its async_io op is compiled at
+    the first engine build and needs libaio; without it every worker fails there ("Unable to JIT load
+    the async_io op"), after the run has started."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return "DeepSpeed's async_io op cannot be built on this machine (it needs libaio: apt install libaio-dev)"
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bf16 in hardware: a CUDA GPU with bf16 (Ampere or newer), or a CPU
     with AVX-512 BF16 or AMX (an Arm CPU: its BF16 extension, as oneDNN reports it). Elsewhere bf16

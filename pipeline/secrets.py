@@ -127,9 +127,15 @@ def unresolved(tree: Mapping[str, Any]) -> list[str]:
     return [".".join(path) for path, value in _walk(tree, (), False) if value == REDACTED]
 
 
+# Credentials the standard way (environment variables), scrubbed like the config's own.
+ENV_CREDENTIALS = ("WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def values() -> list[str]:
-    """Every secret value recorded in this process (to scrub text that might quote one)."""
-    return [v for v in _recorded().values() if v]
+    """Every secret value this process knows: recorded from a config, or in ENV_CREDENTIALS (to scrub
+    text that might quote one)."""
+    from_env = [os.environ.get(name, "") for name in ENV_CREDENTIALS]
+    return [v for v in [*_recorded().values(), *from_env] if v]
 
 
 def scrub(text: str) -> str:

@@ -205,8 +205,21 @@ def check_task(cfg: Config, task: Any, model: Any) -> None:
             raise ConfigError(f"config key 'task.score_classifier': {e}") from None
 
 
+def check_offload(cfg: Config) -> None:
+    """NVMe offload only where DeepSpeed can do it (checked here: the workers would fail at start)."""
+    from pipeline import engine  # deepspeed: only when NVMe is asked for
+
+    nvme = [part for part, device in cfg.offloaded().items() if device == "nvme"]
+    if nvme and (problem := engine.async_io_problem()):
+        raise ConfigError(
+            f"config key 'deepspeed.zero_optimization.{nvme[0]}': device nvme: {problem}; or offload "
+            "to memory (device: cpu)"
+        )
+
+
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
+    check_offload(cfg)
     spec = shards.resolve(
         cfg.data.train,
         cfg.data.val,

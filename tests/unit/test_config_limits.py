@@ -119,3 +119,45 @@ def test_bounds_leave_real_runs_alone():
         ["train.max_steps=1000000000", "data.batch_size=65536", "cluster.collective_timeout_s=604800"],
     )
     assert cfg.train.max_steps == 10**9
+
+
+def test_parameter_offload_below_stage_3_is_refused_in_the_raw_deepspeed_dict_too():
+    # DeepSpeed silently ignores offload_param below stage 3 (a run trained without it, exit 0)
+    message = refused("zero.stage=2", "deepspeed={zero_optimization: {offload_param: {device: cpu}}}")
+    assert "config key 'deepspeed.zero_optimization.offload_param'" in message and "stage 3" in message
+    message = refused(
+        "deepspeed={zero_optimization: {stage: 1, offload_param: {device: cpu}}}", "zero.stage=3"
+    )
+    assert "(DeepSpeed ignores it at stage 1)" in message
+    config.load(BASE, ["zero.stage=2", "deepspeed={zero_optimization: {offload_param: {device: none}}}"])
+
+
+def test_nvme_offload_needs_a_path():
+    message = refused("zero.stage=3", "deepspeed={zero_optimization: {offload_optimizer: {device: nvme}}}")
+    assert "config key 'deepspeed.zero_optimization.offload_optimizer'" in message and "nvme_path" in message
+
+
+def test_nvme_offload_where_deepspeeds_async_io_cannot_build_is_refused_before_start(
+    digits_dir, tmp_path, monkeypatch
+):
+    """Seen here (no libaio): the workers died with a raw `RuntimeError: Unable to JIT load the
+    async_io op` traceback, exit 1, after Ray and the run dir had started."""
+    from pipeline import engine
+    from pipeline.launch.plan import make_plan
+
+    problem = engine.async_io_problem()
+    assert problem is None or "libaio" in problem
+    monkeypatch.setattr(engine, "async_io_problem", lambda: "DeepSpeed's async_io op needs libaio")
+    nvme = f"{{device: nvme, nvme_path: {tmp_path}}}"
+    cfg = config.load(
+        BASE,
+        [
+            f"data.train={digits_dir}",
+            "zero.stage=3",
+            f"deepspeed={{zero_optimization: {{offload_param: {nvme}}}}}",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"'deepspeed\.zero_optimization\.offload_param'.*libaio.*device: cpu"
+    ):
+        make_plan(cfg)

@@ -87,10 +87,11 @@ def test_a_config_built_directly_is_recorded_too(marks):
     assert config.from_dict(tree).data.storage_options["key"] == marks["key"]
 
 
-def test_scrub_and_strip(marks):
+def test_scrub_and_strip(marks, monkeypatch):
     config.load(BASE, _overrides(marks))
-    assert secrets.scrub(f"s3fs: InvalidAccessKeyId {marks['key']} / {marks['secret']}") == (
-        "s3fs: InvalidAccessKeyId *** / ***"
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-123")
+    assert secrets.scrub(f"s3fs: InvalidAccessKeyId {marks['key']} / {marks['secret']} wandb-key-123") == (
+        "s3fs: InvalidAccessKeyId *** / *** ***"
     )
     tree = {"data": {"storage_options": {"key": "k", "endpoint_url": "u", "client_kwargs": {"token": "t"}}}}
     assert secrets.strip(tree) == ["data.storage_options.key", "data.storage_options.client_kwargs.token"]
