@@ -4,6 +4,7 @@ on a real S3 API: moto's server on 127.0.0.1) and WANDB_API_KEY set to unique ma
 dir, the W&B offline files, this run's Ray session dir and everything printed hold none of them, while
 the workers did get them (by inheritance: their process environment, never Ray's runtime_env)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def _markers() -> dict[str, str]:
     tag = uuid.uuid4().hex[:12]
-    return {name: f"MARK{name.upper()}{tag}" for name in ("key", "secret", "datakey", "wandb")}
+    return {name: f"MARK{name.upper()}{tag}" for name in ("key", "secret", "datakey", "argv", "wandb")}
 
 
 def _files(root: Path) -> list[Path]:
@@ -42,13 +43,15 @@ def _holding(paths: list[Path], markers: dict[str, str]) -> list[str]:
     return found
 
 
-class _WorkerEnvs(threading.Thread):
-    """Polls the run's processes for Ray Train workers and keeps their environment (inherited, or what
-    Ray put in it)."""
+class _Watcher(threading.Thread):
+    """Polls the run's processes: keeps the environment of its Ray Train workers (inherited, or what
+    Ray put in it), and hard-links every file of a Ray temp dir the run names (`--temp-dir=`, which
+    the run removes at its end) into `saved`, so the test reads what Ray wrote, not the run's
+    scrubbed copy."""
 
-    def __init__(self, root_pid: int) -> None:
+    def __init__(self, root_pid: int, saved: Path) -> None:
         super().__init__(daemon=True)
-        self.root_pid, self.envs, self.done = root_pid, {}, False
+        self.root_pid, self.saved, self.envs, self.temp_dirs, self.done = root_pid, saved, {}, set(), False
 
     def run(self) -> None:
         while not self.done:
@@ -58,11 +61,23 @@ class _WorkerEnvs(threading.Thread):
                 return
             for proc in procs:
                 try:
-                    if "RayTrainWorker" in " ".join(proc.cmdline()) and proc.pid not in self.envs:
+                    cmdline = proc.cmdline()
+                    if "RayTrainWorker" in " ".join(cmdline) and proc.pid not in self.envs:
                         self.envs[proc.pid] = proc.environ()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                self.temp_dirs |= {Path(a.split("=", 1)[1]) for a in cmdline if a.startswith("--temp-dir=")}
+            self._link()
             time.sleep(0.5)
+
+    def _link(self) -> None:
+        for temp_dir in list(self.temp_dirs):
+            for path in list(temp_dir.rglob("*")) if temp_dir.is_dir() else []:
+                target = self.saved / temp_dir.name / path.relative_to(temp_dir)
+                if path.is_file() and not path.is_symlink() and not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with contextlib.suppress(OSError):  # removed meanwhile
+                        os.link(path, target)
 
 
 @pytest.mark.timeout(600)
@@ -81,6 +96,7 @@ def test_credentials_never_written_logged_or_sent_to_ray(digits_dir, tmp_path, s
     tree["optim"]["warmup_steps"] = 1
     tree["model"]["args"]["channels"] = [8, 16]
     tree["tracking"]["wandb"]["mode"] = "offline"
+    tree["precision"] = "fp32"
     run_dir = tmp_path / "run"
     tree["run_dir"] = str(run_dir)
     config = tmp_path / "secret-run.yaml"  # in the config file: the command line is visible to `ps`
@@ -88,15 +104,17 @@ def test_credentials_never_written_logged_or_sent_to_ray(digits_dir, tmp_path, s
 
     env = {**os.environ, "WANDB_API_KEY": marks["wandb"], "WANDB_MODE": "offline"}
     env.pop("PIPELINE_SECRETS", None)
+    # one credential as an override: `ps` shows it, but nothing the run writes may quote it
+    override = f"data.storage_options.password={marks['argv']}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", str(config), "precision=fp32"],
+        [sys.executable, "-m", "pipeline", "train", str(config), override],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    watcher = _WorkerEnvs(proc.pid)
+    watcher = _Watcher(proc.pid, tmp_path / "ray-files")
     watcher.start()
     stdout, stderr = proc.communicate(timeout=540)
     watcher.done = True
@@ -111,14 +129,16 @@ def test_credentials_never_written_logged_or_sent_to_ray(digits_dir, tmp_path, s
     uploads = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "checkpoint_upload"]
     assert [e["url"] for e in uploads] == [f"s3://{bucket}/run/step_00000006"]
 
-    # Nowhere written, logged or printed.
+    # Nowhere written, logged or printed. Ray's own files: a run's own temp dir, seen while it ran,
+    # or Ray's default /tmp/ray/session_* (an in-process cluster).
     (kept,) = (run_dir / "logs").glob("ray-session_*")
     session = Path(tempfile.gettempdir()) / "ray" / kept.name.removeprefix("ray-")
-    assert session.is_dir(), session
+    ray_files = _files(tmp_path / "ray-files") + (_files(session) if session.is_dir() else [])
+    assert [p for p in ray_files if p.name == "raylet.out"], (watcher.temp_dirs, session)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline and _files(offline[0])
-    assert (run_dir / "config.yaml").read_text().count("'***'") == 3
-    assert _holding(_files(run_dir) + _files(session), marks) == []
+    assert (run_dir / "config.yaml").read_text().count("'***'") == 4
+    assert _holding(_files(run_dir) + ray_files, marks) == []
     assert [name for name, value in marks.items() if value in stdout + stderr] == []
 
     # What could quote one is private to the user.
