@@ -18,6 +18,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
+@pytest.fixture(autouse=True)
+def _no_recorded_credentials(monkeypatch):
+    """Credentials a test's config recorded in this process (pipeline.secrets) end with the test."""
+    monkeypatch.delenv("PIPELINE_SECRETS", raising=False)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real 1,797 sklearn digits as shards: 12 train + 3 val shards of 128 samples."""
