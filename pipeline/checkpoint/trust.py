@@ -24,7 +24,7 @@ import pickle
 import re
 import runpy
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,12 @@ def check_file(path: Path) -> None:
 def load(path: Path) -> Any:
     """`torch.load` of one checkpoint file, tensors and ALLOWED types only (check_file it first for a
     message that names the types)."""
-    with tensors_only():
+    try:
+        needed = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if n in ALLOWED]
+    except Exception:  # not a torch zip: the load refuses it or needs none of them
+        needed = list(ALLOWED)
+    # only the types the file names: a file without DeepSpeed's types loads without importing DeepSpeed
+    with torch.serialization.safe_globals(_allowed_types(needed)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -128,11 +133,12 @@ def command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.checkpoint.trust", module, *args]
 
 
-def _allowed_types() -> list[Any]:
-    """The real ALLOWED classes, for loads that use what they build (imports DeepSpeed, which the
-    callers have imported already). One missing in this DeepSpeed version is simply not allowed."""
+def _allowed_types(names: Iterable[str] = ALLOWED) -> list[Any]:
+    """The real ALLOWED classes (of `names`), for loads that use what they build: imports DeepSpeed
+    (which the loaders inside tensors_only have imported already). One missing in this DeepSpeed
+    version is simply not allowed."""
     found = []
-    for name in ALLOWED:
+    for name in names:
         module, _, attr = name.rpartition(".")
         try:
             found.append((getattr(importlib.import_module(module), attr), name))

@@ -17,6 +17,7 @@ import torch
 
 from pipeline import config, launch
 from pipeline.checkpoint import commit, export, trust
+from pipeline.config import ConfigError
 from pipeline.files import sha256_file
 from pipeline.launch.plan import TrainingFailed, make_plan
 from pipeline.training import evaluator
@@ -140,7 +141,18 @@ def test_a_payload_in_a_checkpoint_dir_is_refused_by_every_entry_point(runs, dig
     assert refused(proc, "mp_rank_00_model_states.pt"), proc.stderr[-3000:]
     assert not out.exists()
 
-    # task.score_classifier (read by the GAN task's evaluator)
+    # task.score_classifier: checked while planning (exit 2), and by the GAN task's evaluator itself
+    gan = config.load(
+        "configs/dcgan-mnist5k.yaml",
+        [
+            f"data.train={digits_dir}",
+            f"run_dir={tmp_path / 'gan'}",
+            "cluster.launcher=local",
+            f"task.score_classifier={tmp_path / 'evil-z3'}",
+        ],
+    )
+    with pytest.raises(ConfigError, match=f"'task.score_classifier': .*{optim} needs io.open"):
+        make_plan(gan)
     with pytest.raises(trust.UnsafeCheckpoint, match=f"{optim} needs io.open"):
         evaluator.load_classifier(str(tmp_path / "evil-z3"), "cpu")
 
