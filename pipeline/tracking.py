@@ -27,13 +27,16 @@ class JsonlWriter:
 
     def __init__(self, path: Path, private: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._private = private
         if private:  # 0600 (pipeline.secrets): e.g. events, whose errors may quote a path or a URL
             self._file = secrets.open_private(path, "a", buffering=1)
         else:
             self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, default=float) + "\n")
+        line = json.dumps(record, default=float)
+        # private: records with error messages, which may quote a credential (an s3fs error)
+        self._file.write((secrets.scrub(line) if self._private else line) + "\n")
 
     def close(self) -> None:
         self._file.close()

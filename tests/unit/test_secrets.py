@@ -166,3 +166,14 @@ def test_dry_run_print_config_and_submit_slurm_dry_run_print_no_credential(marks
         if args[0] == "train":
             assert proc.stdout.count("'***'") == 3
     assert not (tmp_path / "run").exists()  # dry runs write nothing
+
+
+def test_events_are_scrubbed_and_private(marks, tmp_path):
+    from pipeline.tracking import JsonlWriter
+
+    config.load(BASE, _overrides(marks))
+    events = JsonlWriter(tmp_path / "events.jsonl", private=True)
+    events.write({"event": "checkpoint_upload_failed", "error": f"InvalidAccessKeyId: {marks['key']}"})
+    events.close()
+    assert json.loads((tmp_path / "events.jsonl").read_text())["error"] == "InvalidAccessKeyId: ***"
+    assert stat.S_IMODE((tmp_path / "events.jsonl").stat().st_mode) == 0o600
