@@ -12,12 +12,21 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline import secrets
 
@@ -290,6 +299,73 @@ class ClusterConfig(Section):
     )
 
 
+# What reaches an #SBATCH line: sbatch splits those at whitespace, and a newline would end the
+# directives (dropping --requeue and --signal after it) and run the rest as shell. So each value keeps
+# to the characters of Slurm's own syntax for its option, which need no quoting (launch/slurm.py).
+_SLURM_WORD = r"[A-Za-z0-9._-]+"
+SLURM_VALUES = {
+    "partition": (rf"{_SLURM_WORD}(,{_SLURM_WORD})*", "comma-separated names: letters, digits, . _ -"),
+    "account": (_SLURM_WORD, "an account name: letters, digits, . _ -"),
+    "mem": (r"\d+[KMGTkmgt]?", "a size with an optional unit K, M, G or T, e.g. 64G"),
+    "time": (
+        r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|(?i:infinite|unlimited)",
+        "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+    ),
+}
+# --option[=value] (or option[=value]); a value may hold a constraint expression, a gres, a path...
+SBATCH_OPTION = re.compile(r"(?:--)?([a-z][a-z0-9-]*)(?:=([A-Za-z0-9._,:@%+=/*&|!\[\]()-]+))?")
+# Options the pipeline sets itself: another value would silently replace ours (sbatch keeps the last).
+SBATCH_OWN = {
+    "job-name": "name",
+    "nodes": "slurm.nodes",
+    "ntasks-per-node": "(one Ray node per Slurm node)",
+    "cpus-per-task": "slurm.cpus_per_task",
+    "time": "slurm.time",
+    "output": "run_dir (the log is RUN_DIR/slurm/job-%j.out)",
+    "error": "run_dir (the log is RUN_DIR/slurm/job-%j.out)",
+    "open-mode": "(append: every segment writes the same log)",
+    "requeue": "(always: preemption requeues)",
+    "no-requeue": "(preemption requeues)",
+    "signal": "slurm.signal_lead_s",
+    "partition": "slurm.partition",
+    "account": "slurm.account",
+    "gpus-per-node": "slurm.gpus_per_node",
+    "mem": "slurm.mem",
+}
+_SBATCH_PREFIX_OPTIONS = {"ntasks", "gpus"}  # real options that are prefixes of one of ours
+
+
+def _no_control_chars(v: str) -> str:
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v):
+        raise ValueError("must not contain a newline or other control character")
+    return v
+
+
+def sbatch_option_owner(name: str) -> str | None:
+    """The key that sets option `name` if the pipeline sets it itself; sbatch, like getopt, also takes
+    an unambiguous prefix (--req is --requeue)."""
+    if name in SBATCH_OWN:
+        return SBATCH_OWN[name]
+    if name in _SBATCH_PREFIX_OPTIONS:
+        return None
+    return next((key for own, key in SBATCH_OWN.items() if own.startswith(name)), None)
+
+
+def time_limit_s(time: str) -> int | None:
+    """Slurm's --time (SLURM_VALUES["time"]) in seconds; None: no limit (0, INFINITE, UNLIMITED)."""
+    if time.lower() in {"infinite", "unlimited"}:
+        return None
+    days, dash, clock = time.partition("-") if "-" in time else ("0", "", time)
+    fields = [int(f) for f in clock.split(":")]
+    if dash:  # D-HH[:MM[:SS]]
+        h, m, s = fields + [0] * (3 - len(fields))
+    elif len(fields) == 3:  # HH:MM:SS
+        h, m, s = fields
+    else:  # MM[:SS]
+        h, (m, s) = 0, fields + [0] * (2 - len(fields))
+    return (((int(days) * 24 + h) * 60 + m) * 60 + s) or None
+
+
 class SlurmConfig(Section):
     """`pipeline submit slurm`: the #SBATCH lines of slurm/ray-on-slurm.sbatch."""
 
@@ -303,7 +379,11 @@ class SlurmConfig(Section):
     time: str = Field("01:00:00", description="wall-clock limit, [D-]HH:MM:SS")
     account: str | None = None
     signal_lead_s: int = Field(
-        120, gt=0, description="USR1 this many seconds before the time limit: checkpoint, exit 75, requeue"
+        120,
+        gt=0,
+        le=65535,  # Slurm's limit for --signal
+        description="USR1 this many seconds before the time limit (Slurm may send it up to a minute "
+        "earlier): checkpoint, exit 75, requeue",
     )
     extra_sbatch: list[str] = Field(
         default_factory=list, description="more #SBATCH options, e.g. ['--qos=high', '--constraint=a100']"
@@ -312,6 +392,59 @@ class SlurmConfig(Section):
         default_factory=list, description="shell lines run first in the job, e.g. ['module load cuda/12.4']"
     )
     python: str | None = Field(None, description="python on the nodes; default: the one that submits")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_is_text(cls, v: Any) -> Any:
+        if isinstance(v, int):  # YAML reads 1:30:00 as 5400, which Slurm would take as minutes
+            raise ValueError("write it as HH:MM:SS with two-digit hours (00:02:00), or quoted ('30')")
+        return v
+
+    @field_validator("partition", "account", "mem", "time")
+    @classmethod
+    def _slurm_syntax(cls, v: str | None, info: ValidationInfo) -> str | None:
+        pattern, what = SLURM_VALUES[info.field_name]
+        if v is not None and not re.fullmatch(pattern, v):
+            raise ValueError(f"must be {what} (Slurm's syntax for --{info.field_name})")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_options(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            match = SBATCH_OPTION.fullmatch(entry)
+            if not match or re.search("hetjob|packjob", entry, re.IGNORECASE):
+                raise ValueError(
+                    f"entry {entry!r} is not one long option --name[=value]: a value has letters, digits "
+                    "and . _ , : @ % + = / * & | ! [ ] ( ) - (no spaces, quotes or #), and no hetjob"
+                )
+            if owner := sbatch_option_owner(match.group(1)):
+                raise ValueError(f"entry {entry!r}: the pipeline sets --{match.group(1)} itself: {owner}")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _one_line_each(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", line):
+                raise ValueError(f"entry {line!r}: one shell line per entry, without control characters")
+        return v
+
+    @field_validator("python")
+    @classmethod
+    def _python_path(cls, v: str | None) -> str | None:
+        return v if v is None else _no_control_chars(v)
+
+    @model_validator(mode="after")
+    def _signal_before_the_limit(self) -> SlurmConfig:
+        limit = time_limit_s(self.time)
+        if limit is not None and self.signal_lead_s + 60 >= limit:
+            raise ValueError(
+                f"slurm.signal_lead_s ({self.signal_lead_s}) must be more than 60 s below slurm.time "
+                f"({self.time} = {limit} s): Slurm may send the signal up to a minute early, and a job "
+                "signalled before it trained would requeue forever"
+            )
+        return self
 
 
 class Config(Section):
@@ -348,7 +481,7 @@ class Config(Section):
     def _name_is_a_path_component(cls, v: str) -> str:
         if not v or "/" in v or v in {".", ".."}:
             raise ValueError("must be a non-empty name without '/' (it names the run dir)")
-        return v
+        return _no_control_chars(v)
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:

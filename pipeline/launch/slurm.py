@@ -63,29 +63,118 @@ def _cpus_per_task(cfg: Config) -> int:
     return -(-needed // cfg.slurm.nodes)  # ceil: Ray places the workers on the nodes' CPUs
 
 
-def sbatch_lines(cfg: Config, log_path: Path) -> list[str]:
+# sbatch reads directives up to the first line that is neither blank nor a comment; it splits each at
+# whitespace outside quotes, takes '...' and "..." as quotes and a backslash as an escape, and ignores
+# the rest of a line after an unquoted '#' (_get_argument in Slurm's src/sbatch/opt.c; checked against
+# Slurm 22.05). Older versions also split the job wherever a line says "packjob". A newline in a value
+# would end the directives there, dropping --requeue and --signal, and run the rest as shell.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PLAIN = re.compile(r"[A-Za-z0-9._,:@%+=/*&|!\[\]()-]+")  # no quoting needed in a directive
+
+
+def sbatch_quote(value: str) -> str:
+    """`value` as one argument of an #SBATCH line (sbatch's quoting, not the shell's)."""
+    if _PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check(key: str, value: str) -> str:
+    """`value` if no quoting can break its #SBATCH line; else ConfigError naming `key` (the config's
+    validators refuse these earlier: this is the last line of defence)."""
+    if _CONTROL.search(value):
+        raise ConfigError(
+            f"config key '{key}' ({value!r}) holds a newline or another control character: in an "
+            "#SBATCH line it would end Slurm's options and run the rest as a shell command"
+        )
+    if re.search("hetjob|packjob", value, re.IGNORECASE):
+        raise ConfigError(f"config key '{key}' ({value!r}): Slurm splits a job at 'hetjob'/'packjob'")
+    return value
+
+
+def _extra(entry: str) -> tuple[str, str | None]:
+    match = config_mod.SBATCH_OPTION.fullmatch(entry)
+    if not match or config_mod.sbatch_option_owner(match.group(1)):
+        raise ConfigError(f"config key 'slurm.extra_sbatch': entry {entry!r} is not an option it may set")
+    return match.group(1), match.group(2) and _check("slurm.extra_sbatch", match.group(2))
+
+
+def _log_path(log_path: Path) -> str:
+    # Slurm expands %-patterns in the path, and a backslash anywhere turns that off (then job-%j.out
+    # stays literal): either way `follow` would read the wrong file.
+    if re.search(r"[%\\]", str(log_path.parent)):
+        raise ConfigError(
+            f"config key 'run_dir' ({log_path.parents[1]}): Slurm reads '%' and '\\' in its log path "
+            "as patterns; choose a run dir without them"
+        )
+    return _check("run_dir", str(log_path))
+
+
+def sbatch_options(cfg: Config, log_path: Path) -> list[tuple[str, str | None]]:
+    """(option, value or None) for each #SBATCH line, every value checked (`_check`)."""
     s = cfg.slurm
-    options = [
-        f"--job-name={cfg.name}",
-        f"--nodes={s.nodes}",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={_cpus_per_task(cfg)}",
-        f"--time={s.time}",
-        f"--output={log_path}",
-        "--open-mode=append",  # the requeued segment appends to the same log
-        "--requeue",
-        f"--signal=B:USR1@{s.signal_lead_s}",  # B: to the batch shell only, which forwards it
+    options: list[tuple[str, str | None]] = [
+        ("job-name", _check("name", cfg.name)),
+        ("nodes", str(s.nodes)),
+        ("ntasks-per-node", "1"),
+        ("cpus-per-task", str(_cpus_per_task(cfg))),
+        ("time", _check("slurm.time", s.time)),
+        ("output", _log_path(log_path)),
+        ("open-mode", "append"),  # the requeued segment appends to the same log
+        ("requeue", None),
+        ("signal", f"B:USR1@{s.signal_lead_s}"),  # B: to the batch shell only, which forwards it
     ]
     if s.partition:
-        options.append(f"--partition={s.partition}")
+        options.append(("partition", _check("slurm.partition", s.partition)))
     if s.account:
-        options.append(f"--account={s.account}")
+        options.append(("account", _check("slurm.account", s.account)))
     if s.gpus_per_node:
-        options.append(f"--gpus-per-node={s.gpus_per_node}")
+        options.append(("gpus-per-node", str(s.gpus_per_node)))
     if s.mem:
-        options.append(f"--mem={s.mem}")
-    options += [o if o.startswith("-") else f"--{o}" for o in s.extra_sbatch]
-    return [f"#SBATCH {o}" for o in options]
+        options.append(("mem", _check("slurm.mem", s.mem)))
+    return options + [_extra(entry) for entry in s.extra_sbatch]
+
+
+def sbatch_lines(cfg: Config, log_path: Path) -> list[str]:
+    options = sbatch_options(cfg, log_path)
+    lines = [f"#SBATCH --{o}" if v is None else f"#SBATCH --{o}={sbatch_quote(v)}" for o, v in options]
+    # each line is exactly its one option to sbatch
+    assert sbatch_arguments("\n".join(lines)) == [f"--{o}" if v is None else f"--{o}={v}" for o, v in options]
+    return lines
+
+
+def sbatch_arguments(script: str) -> list[str]:
+    """The arguments sbatch reads from the #SBATCH lines of `script`, split the way sbatch splits them."""
+    args: list[str] = []
+    for line in script.split("\n"):
+        if line.startswith("#SBATCH"):
+            args += _split_directive(line[len("#SBATCH") :])
+        elif line.strip() and not line.lstrip().startswith("#"):
+            break  # the first command ends the directives
+    return args
+
+
+def _split_directive(text: str) -> list[str]:
+    args, i = [], 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i == len(text) or text[i] == "#":
+            return args
+        arg, quote, escaped = "", "", False
+        while i < len(text) and (quote or not text[i].isspace()):
+            c, i = text[i], i + 1
+            if escaped or not (c == "\\" or c == quote or (not quote and c in "\"'#")):
+                arg, escaped = arg + c, False
+            elif c == "\\":
+                escaped = True
+            elif c == "#":  # an unquoted '#': the rest of the line is a comment
+                return [*args, arg] if arg else args
+            else:  # an opening or the closing quote
+                quote = "" if quote else c
+        if quote:
+            raise ValueError(f"unmatched {quote} in #SBATCH{text}")
+        args.append(arg)
 
 
 def paths(cfg: Config) -> tuple[Path, Path, Path]:
@@ -137,12 +226,11 @@ def render(cfg: Config, workdir: Path) -> str:
         "gpus_per_node": str(cfg.slurm.gpus_per_node),
         "train_args": shlex.quote(str(snapshot)),
     }
-    text = TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", value)
-    leftover = re.findall(r"\{\{\w+\}\}", text)
-    assert not leftover, f"unfilled placeholders in {TEMPLATE}: {leftover}"
-    return text
+    template = TEMPLATE.read_text()
+    unknown = set(re.findall(r"\{\{(\w+)\}\}", template)) - values.keys()
+    assert not unknown, f"unfilled placeholders in {TEMPLATE}: {unknown}"
+    # One pass over the template: a value that reads like a placeholder ({{setup}}) stays as it is.
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
 def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
