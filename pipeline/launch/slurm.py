@@ -99,15 +99,15 @@ def _extra(entry: str) -> tuple[str, str | None]:
     return match.group(1), match.group(2) and _check("slurm.extra_sbatch", match.group(2))
 
 
-def _log_path(log_path: Path) -> str:
+def _log_path(log_path: Path, key: str) -> str:
     # Slurm expands %-patterns in the path, and a backslash anywhere turns that off (then job-%j.out
     # stays literal): either way `follow` would read the wrong file.
     if re.search(r"[%\\]", str(log_path.parent)):
         raise ConfigError(
-            f"config key 'run_dir' ({log_path.parents[1]}): Slurm reads '%' and '\\' in its log path "
-            "as patterns; choose a run dir without them"
+            f"config key '{key}': the run dir {log_path.parents[1]} holds '%' or '\\', which Slurm reads "
+            "as patterns in its log path; choose a run dir (or name) without them"
         )
-    return _check("run_dir", str(log_path))
+    return _check(key, str(log_path))
 
 
 def sbatch_options(cfg: Config, log_path: Path) -> list[tuple[str, str | None]]:
@@ -119,7 +119,7 @@ def sbatch_options(cfg: Config, log_path: Path) -> list[tuple[str, str | None]]:
         ("ntasks-per-node", "1"),
         ("cpus-per-task", str(_cpus_per_task(cfg))),
         ("time", _check("slurm.time", s.time)),
-        ("output", _log_path(log_path)),
+        ("output", _log_path(log_path, "run_dir" if cfg.run_dir else "name")),  # default runs/<name>
         ("open-mode", "append"),  # the requeued segment appends to the same log
         ("requeue", None),
         ("signal", f"B:USR1@{s.signal_lead_s}"),  # B: to the batch shell only, which forwards it

@@ -335,3 +335,16 @@ def test_the_cli_exits_2_naming_the_key_before_writing_anything(command, tmp_pat
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error:" in result.stderr and "slurm.partition" in result.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("key, value", [("name", "50%"), ("run_dir", "/tmp/job-%j"), ("name", "my-hetjob")])
+def test_log_path_patterns_and_job_splitting_words_are_refused(key, value, tmp_path):
+    """Slurm expands '%' patterns in the log path (the default run dir is runs/<name>), so `submit
+    --wait` would follow a file that never grows; older sbatch splits a job wherever a line says
+    hetjob or packjob."""
+    t = tree(tmp_path)
+    if key == "name":
+        del t["run_dir"]
+    t[key] = value
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        slurm.render(config.from_dict(t), tmp_path)
