@@ -90,6 +90,27 @@ def async_io_problem() -> str | None:
     return "DeepSpeed's async_io op cannot be built on this machine (it needs libaio: apt install libaio-dev)"
 
 
+def deepspeed_config_problem(ds_config: dict[str, Any]) -> str | None:
+    """What DeepSpeed's own validation refuses in a DeepSpeed config (None: accepted). The preflight
+    asks when the config has a raw `deepspeed` section: in the workers it fails with a raw traceback,
+    after Ray, W&B and the run dir have started."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    # train_batch_size is checked against the real world size, which the workers have
+    checked = {key: value for key, value in ds_config.items() if key != "train_batch_size"}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            DeepSpeedConfig(checked)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{e.title} {where}: {first['msg']}"
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bf16 in hardware: a CUDA GPU with bf16 (Ampere or newer), or a CPU
     with AVX-512 BF16 or AMX (an Arm CPU: its BF16 extension, as oneDNN reports it). Elsewhere bf16

@@ -205,10 +205,23 @@ def check_task(cfg: Config, task: Any, model: Any) -> None:
             raise ConfigError(f"config key 'task.score_classifier': {e}") from None
 
 
-def check_offload(cfg: Config) -> None:
-    """NVMe offload only where DeepSpeed can do it (checked here: the workers would fail at start)."""
-    from pipeline import engine  # deepspeed: only when NVMe is asked for
+def check_deepspeed(cfg: Config) -> None:
+    """A raw `deepspeed` section as DeepSpeed validates it, and NVMe offload only where DeepSpeed can
+    do it: checked here, where the workers would fail at start (deepspeed imported only then)."""
+    if not cfg.deepspeed:
+        return
+    from pipeline import engine
 
+    precision = "fp32" if cfg.precision == "auto" else cfg.precision
+    merged = engine.deepspeed_config(
+        micro_batch_size=cfg.data.batch_size,
+        train=cfg.train,
+        precision=precision,
+        zero=cfg.zero,
+        raw=cfg.deepspeed,
+    )
+    if problem := engine.deepspeed_config_problem(merged):
+        raise ConfigError(f"config key 'deepspeed': DeepSpeed refuses it: {problem}")
     nvme = [part for part, device in cfg.offloaded().items() if device == "nvme"]
     if nvme and (problem := engine.async_io_problem()):
         raise ConfigError(
@@ -219,7 +232,7 @@ def check_offload(cfg: Config) -> None:
 
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
-    check_offload(cfg)
+    check_deepspeed(cfg)
     spec = shards.resolve(
         cfg.data.train,
         cfg.data.val,

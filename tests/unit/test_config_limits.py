@@ -161,3 +161,19 @@ def test_nvme_offload_where_deepspeeds_async_io_cannot_build_is_refused_before_s
         ConfigError, match=r"'deepspeed\.zero_optimization\.offload_param'.*libaio.*device: cpu"
     ):
         make_plan(cfg)
+
+
+def test_a_raw_deepspeed_section_deepspeed_refuses_is_refused_before_start(digits_dir):
+    """Seen here: `deepspeed={zero_optimization: {offload_param: {device:cpu}}}` (no space: one key
+    "device:cpu") passed the preflight, then every worker died with pydantic's raw traceback, exit 1."""
+    from pipeline.launch.plan import make_plan
+
+    overrides = [f"data.train={digits_dir}", "zero.stage=3"]
+    cfg = config.load(BASE, [*overrides, "deepspeed={zero_optimization: {offload_param: {device:cpu}}}"])
+    with pytest.raises(
+        ConfigError, match=r"'deepspeed': DeepSpeed refuses it: .*offload_param\.device:cpu: Extra"
+    ):
+        make_plan(cfg)
+    make_plan(
+        config.load(BASE, [*overrides, "deepspeed={zero_optimization: {offload_param: {device: cpu}}}"])
+    )
