@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline import config as config_mod
-from pipeline.config import CheckpointConfig, Config, ConfigError
+from pipeline.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from pipeline.launch.plan import Plan
@@ -233,27 +233,26 @@ def _last_step(segment: list[dict[str, Any]], rows: list[dict[str, Any]]) -> int
     return max(steps, default=0)
 
 
-def _task_best(task_name: str) -> tuple[str, str] | None:
-    """(best_metric, best_mode) of the run's task class; None if it cannot be imported here."""
+def _task_best(cfg: Config) -> tuple[str, str] | None:
+    """(metric, mode) the run ranked by: `checkpoint.best_metric`/`best_mode` over the task class's own
+    (tasks.best_of); None if the task cannot be imported here."""
     from pipeline import tasks
 
     try:
-        cls = tasks.task_class(task_name)
+        cls = tasks.task_class(cfg.task.name)
     except ConfigError:
         return None
-    return cls.best_metric, cls.best_mode
+    return tasks.best_of(cls, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
 
 
 def _best_candidates(cfg: Config) -> Iterator[tuple[str, str]]:
-    """(metric, mode) pairs in order of preference: `checkpoint.best_metric` where it was set, the
-    task's own best metric, then `checkpoint.best_metric` anyway."""
-    configured = (cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
-    if configured[0] != CheckpointConfig.model_fields["best_metric"].default:
-        yield configured
-    task_best = _task_best(cfg.task.name)  # imports the task's module (torch) only when needed
+    """(metric, mode) pairs in order of preference: the run's best metric (`checkpoint.best_metric`
+    where it was set, else the task's), then the configured one alone (a task not importable here)."""
+    task_best = _task_best(cfg)  # imports the task's module (torch) only when needed
     if task_best is not None:
         yield task_best
-    yield configured
+    if cfg.checkpoint.best_metric:
+        yield cfg.checkpoint.best_metric, cfg.checkpoint.best_mode or "max"
 
 
 def _best(cfg: Config, rows: list[dict[str, Any]]) -> Best | None:

@@ -193,8 +193,14 @@ class CheckpointConfig(Section):
         3, gt=0, description="consecutive failed saves (e.g. disk full) that abort"
     )
     keep_best: int = Field(0, ge=0, description="also keep the best N checkpoints by best_metric")
-    best_metric: str = Field("eval/accuracy", description="a metric logged at eval steps")
-    best_mode: Literal["max", "min"] = "max"
+    best_metric: str | None = Field(
+        None,
+        description="a metric logged at eval steps; default: the task's own (eval/accuracy for classify, "
+        "eval/recon_mse for autoencoder and vae, eval/next_step_mse for next_step, eval/digit_score for gan)",
+    )
+    best_mode: Literal["max", "min"] | None = Field(
+        None, description="default: the task's mode for its own metric, else max"
+    )
     allow_config_change: bool = Field(
         False,
         description="resume from a checkpoint that a different config wrote (its config digest differs "

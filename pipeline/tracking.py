@@ -91,6 +91,46 @@ def wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
+def last_started_run_id(events_path: Path) -> str | None:
+    """The run id of the last `start` event in events.jsonl (None if none)."""
+    run_id = None
+    if events_path.is_file():
+        for line in events_path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a killed process
+            if isinstance(event, dict) and event.get("event") == "start":
+                run_id = event.get("run_id")
+    return run_id
+
+
+def set_aside_other_line(run_dir: Path, run_id: str, resume_step: int) -> Path | None:
+    """metrics.jsonl rows written by another run id belong to a line this run does not continue (a
+    fresh start after lost or corrupt checkpoints, a rollback to an earlier commit): the file moves to
+    metrics.<that id>.jsonl and the rows up to `resume_step`, the history both lines share, are copied
+    back. Without this, every new step up to the old line's last one would be muted as a replay."""
+    path = run_dir / "metrics.jsonl"
+    if last_logged_step(path) == 0:
+        return None
+    previous = last_started_run_id(run_dir / "events.jsonl")
+    if previous is None or previous == run_id:
+        return None  # the same line (or nobody said): steps before its last commit are replayed silently
+    aside = run_dir / f"metrics.{previous}.jsonl"
+    if aside.exists():  # never over another set-aside file
+        aside = run_dir / f"metrics.{previous}.{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= resume_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    os.replace(path, aside)
+    path.write_text("".join(kept))
+    return aside
+
+
 def last_offline_wandb_step(run_dir: Path, run_id: str) -> int:
     """The highest step the earlier offline segments of W&B run `run_id` hold (0 if none). It can be
     below metrics.jsonl's: W&B writes in the background, and a killed process loses what it had not
@@ -374,10 +414,20 @@ class Tracker:
         config: dict[str, Any],
         run_id: str,
         name: str,
+        resume_step: int = 0,
     ) -> None:
         self.run_dir = run_dir
+        # before anything is appended: another line's rows would mute this one's steps
+        self.set_aside = set_aside_other_line(run_dir, run_id, resume_step)
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         self.events = JsonlWriter(run_dir / "events.jsonl", private=True)
+        if self.set_aside is not None:
+            self.event("metrics_set_aside", path=str(self.set_aside), kept_until_step=resume_step)
+            print(
+                f"note: metrics.jsonl held another run's steps (a fresh start or a rollback); they are in "
+                f"{self.set_aside.name}, metrics.jsonl keeps the steps up to {resume_step}",
+                flush=True,
+            )
         self.progress = Progress(total_steps)
         # After a crash, steps between the last commit and the crash were logged once already; they
         # are not logged again, so metrics.jsonl and W&B never see a step twice or go backwards. Each
@@ -519,7 +569,8 @@ def make_tracker(
     config: dict[str, Any],
     run_id: str,
     name: str,
+    resume_step: int = 0,
 ) -> Tracker | NullTracker:
     if not is_rank0:
         return NullTracker()
-    return Tracker(run_dir, total_steps, wandb_cfg, config, run_id, name)
+    return Tracker(run_dir, total_steps, wandb_cfg, config, run_id, name, resume_step)

@@ -9,7 +9,10 @@ Every rank writes its part into `.tmp-step_XXXXXXXX` (in the background: `start`
 are staged in memory, see writer.py); once all have (`finish`: every rank's hashes gathered), rank 0
 writes the MANIFEST, fsyncs and renames the directory to `step_XXXXXXXX`. A directory named `step_*`
 with a verifying MANIFEST is therefore complete; anything else is debris from an interrupted save,
-never loaded.
+never loaded. A re-save of a committed step moves the old commit to `.old-step_X` until the new one is
+renamed into place (remove_debris puts it back if the process dies in between); retention renames a
+commit to `.deleting-step_X` before removing it. Each of these points is a fault-injection crash point
+(training/faults.py COMMIT_POINTS), tested to resume from the last good commit.
 """
 
 from __future__ import annotations
@@ -114,11 +117,14 @@ def finish(
     gather: Callable[[Any], list[Any]],
     writer: BackgroundWriter,
     retention: Retention | None,
+    crash_point: Callable[[str], None] | None = None,
 ) -> Path:
     """Collective: waits for this rank's background writes, then rank 0 writes the MANIFEST (every
     rank's hashes, gathered), fsyncs and renames. Returns the committed directory, or raises SaveFailed
     on every rank after removing the partial write. Earlier commits are untouched either way: the
-    rename is the only commit."""
+    rename is the only commit. `crash_point(name)` is called at each step of the protocol (fault
+    injection: training/faults.py COMMIT_POINTS)."""
+    point = crash_point or (lambda name: None)
     records, error = writer.wait()
     error = pending.error or error
     gathered = gather(({k: (r.bytes, r.sha256) for k, r in records.items()}, error and str(error)))
@@ -142,12 +148,19 @@ def finish(
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             fsync_tree(tmp, skip={tmp / k for k in hashed})  # the writers fsynced their own files
-            if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
-                shutil.rmtree(final)
+            point("after_manifest")
+            old = final.parent / f"{OLD_PREFIX}{final.name}"
+            if final.exists():  # the same step saved again: the old commit moves aside, never deleted
+                shutil.rmtree(old, ignore_errors=True)  # before the new one is in place (remove_debris
+                os.rename(final, old)  # puts it back if we die before the rename below)
+                point("after_old_aside")
             os.rename(tmp, final)
+            point("after_rename")
             fsync_dir(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
             if retention is not None:  # None: the caller applies it (after an upload, say)
-                writer.later(apply_retention, final.parent, retention)  # deletes run off the loop
+                # deletes run off the loop
+                writer.later(apply_retention, final.parent, retention, crash_point)
     except OSError as e:
         error = e
     if not all_ok(error is None):  # nobody proceeds (or exits) before the commit is visible
@@ -169,9 +182,24 @@ def _file_table(root: Path, hashed: dict[str, tuple[int, str]]) -> dict[str, dic
     return table
 
 
+# A commit replaced by a re-save of its step, between the two renames; and a commit retention is deleting.
+OLD_PREFIX, DELETING_PREFIX = ".old-", ".deleting-"
+
+
 def remove_debris(root: Path) -> list[Path]:
-    """Delete `.tmp-step_*` directories left by saves that died before their commit."""
-    debris = sorted(Path(root).glob(".tmp-step_*")) if Path(root).is_dir() else []
+    """Delete `.tmp-step_*` directories left by saves that died before their commit and `.deleting-*`
+    ones left by an interrupted retention; put back a `.old-step_X` whose replacement never got renamed
+    into place (else delete it)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    for old in sorted(root.glob(f"{OLD_PREFIX}step_*")):
+        final = root / old.name.removeprefix(OLD_PREFIX)
+        if not final.exists() and (old / MANIFEST).is_file():
+            os.rename(old, final)  # the re-save died between the renames: the old commit stands
+    debris = sorted(
+        [*root.glob(".tmp-step_*"), *root.glob(f"{DELETING_PREFIX}step_*"), *root.glob(f"{OLD_PREFIX}step_*")]
+    )
     for path in debris:
         shutil.rmtree(path, ignore_errors=True)
     return debris
@@ -206,15 +234,24 @@ def find(target: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def apply_retention(root: Path, retention: Retention) -> list[Path]:
-    """Delete commits that retention does not keep; returns the deleted ones."""
+def apply_retention(
+    root: Path, retention: Retention, crash_point: Callable[[str], None] | None = None
+) -> list[Path]:
+    """Delete commits that retention does not keep; returns the deleted ones. Each is renamed to
+    `.deleting-step_X` first (one atomic step), so an interrupted delete leaves debris, never a
+    `step_X` with a MANIFEST and half its files."""
     root = Path(root)
     names = [c.name for c in committed(root)]
     deleted = [
         root / name for name in not_retained(names, lambda name: read_manifest(root / name), retention)
     ]
     for ckpt in deleted:
-        shutil.rmtree(ckpt, ignore_errors=True)
+        doomed = root / f"{DELETING_PREFIX}{ckpt.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(ckpt, doomed)
+        if crash_point is not None:
+            crash_point("in_retention")
+        shutil.rmtree(doomed, ignore_errors=True)
     return deleted
 
 
@@ -231,8 +268,11 @@ def ranked(names: list[str], manifest_of: Callable[[Any], dict], metric: str, mo
     """The commits that recorded `metric` in their MANIFEST, best first (`mode` max or min)."""
     scored = []
     for name in names:
-        value = manifest_of(name).get("metrics", {}).get(metric)
-        if value is not None:
+        try:
+            value = manifest_of(name).get("metrics", {}).get(metric)
+        except CheckpointError:  # unreadable: never ranked (and never the reason a good one goes)
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
             scored.append((value if mode == "max" else -value, name))
     return [name for _, name in sorted(scored, key=lambda t: t[0], reverse=True)]
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import psutil
 
+from pipeline.checkpoint import lock
 from pipeline.launch.plan import Plan, TrainingFailed, prepare_run_dir, worker_payload
 
 __all__ = ["Plan", "TrainingFailed", "train"]
@@ -18,6 +19,12 @@ from pipeline.training.state import new_run_id
 def train(plan: Plan) -> dict[str, Any]:
     """Create the run dir, then run the workers with the configured launcher. Returns final metrics
     (`preempted` set when SIGTERM/SIGUSR1 made the workers commit and stop early)."""
+    # One run per run dir (and checkpoint dir), held until this driver exits: exit 2 naming the holder
+    with lock.hold(plan.cfg.resolved_run_dir, plan.cfg.checkpoint_dir):
+        return _train_locked(plan)
+
+
+def _train_locked(plan: Plan) -> dict[str, Any]:
     run_dir = prepare_run_dir(plan)
     payload = worker_payload(plan, run_id=new_run_id())
     # Wall-clock marks for the startup breakdown (the workers add theirs: one machine, one clock).

@@ -40,6 +40,7 @@ class Plan:
     params_trainable: int
     params_frozen: int
     resume_from: Path | None = None
+    resume_target: store.ResumeTarget | None = None  # resume=PATH: what it rolls back (set aside at start)
 
     @property
     def world_size(self) -> int:
@@ -53,6 +54,15 @@ class Plan:
         """Train shards each worker's loader processes read in the first epoch: the stream's own split,
         by reader (worker x loader process), so 12 shards on 2 workers x 4 processes are [8, 4]."""
         return shards_per_rank(self.spec, self.cfg.data, self.world_size, self.cfg.seed)
+
+    def _rollback_note(self) -> str:
+        target = self.resume_target
+        if target is None or not target.newer:
+            return ""
+        return (
+            f"; rolls back to step {target.step}: the newer {', '.join(target.newer)} will be moved to "
+            f"{self.cfg.checkpoint_dir}/abandoned-<time>/ (kept, never resumed)"
+        )
 
     def describe(self) -> str:
         cfg, spec = self.cfg, self.spec
@@ -81,7 +91,8 @@ class Plan:
             f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
             f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
             f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
-            f"resume        {f'from {self.resume_from}' if self.resume_from else 'fresh start'}",
+            f"resume        {f'from {self.resume_from}' if self.resume_from else 'fresh start'}"
+            f"{self._rollback_note()}",
             f"eval          every {cfg.train.eval_every or 'end'}; checkpoint every "
             f"{cfg.checkpoint.every or 'end'} (keep {cfg.checkpoint.keep_last}) in "
             f"{store.for_config(cfg).describe()}",
@@ -156,7 +167,7 @@ def resume_point(cfg: Config) -> Path | None:
                 )
             return None
         if cfg.resume == "auto":
-            return where.newest_verified(warn=_warn)
+            return store.continue_line(where, where.newest_verified(warn=_warn))
         path = store.resolve_path(cfg.resume, where)  # a checkpoint, or a run dir's newest commit
         if path is None:
             raise ConfigError(f"config key 'resume': no committed checkpoint at {cfg.resume}")
@@ -165,6 +176,43 @@ def resume_point(cfg: Config) -> Path | None:
         return path
     except commit.CheckpointError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
+
+
+def resume_plan(cfg: Config) -> tuple[Path | None, store.ResumeTarget | None]:
+    """The resume point, and for `resume=PATH` what it rolls back (store.resume_target): PATH loads
+    exactly that commit, newer commits of this run are set aside when the run starts. Refuses (exit 2)
+    a checkpoint another config wrote (check_same_training)."""
+    point = resume_point(cfg)
+    target = None
+    if point is not None and cfg.resume not in ("auto", "never"):
+        try:
+            target = store.resume_target(store.for_config(cfg), point, warn=_warn)
+        except commit.CheckpointError as e:
+            raise ConfigError(f"config key 'resume': {e}") from None
+        point = target.commit
+    if point is not None:
+        check_same_training(cfg, point)
+    return point, target
+
+
+def check_same_training(cfg: Config, ckpt: Path) -> None:
+    """A checkpoint continues the training its config defined (store.DEFINING_KEYS): resuming one that
+    another config wrote (a shared checkpoint.dir, a changed lr) is refused, naming the keys, unless
+    checkpoint.allow_config_change=true. Checkpoints from before this check carry no record: allowed."""
+    saved = commit.read_manifest(ckpt).get("training_config")
+    if not isinstance(saved, dict):
+        return
+    changes = store.config_changes(saved, store.training_config(cfg.to_dict()))
+    if not changes:
+        return
+    if cfg.checkpoint.allow_config_change:
+        _warn(f"resuming {ckpt} with a changed config (checkpoint.allow_config_change): {'; '.join(changes)}")
+        return
+    raise ConfigError(
+        f"config key 'resume': checkpoint {ckpt} was written by another config; it differs in "
+        f"{'; '.join(changes)}. Use another run_dir (or checkpoint.dir) for this config, or set "
+        "checkpoint.allow_config_change=true to continue these weights with the new values"
+    )
 
 
 def check_task(cfg: Config, task: Any, model: Any) -> None:
@@ -203,6 +251,25 @@ def check_task(cfg: Config, task: Any, model: Any) -> None:
             trust.check_tree(commit.find(Path(cfg.task.score_classifier)) / "engines")
         except commit.CheckpointError as e:
             raise ConfigError(f"config key 'task.score_classifier': {e}") from None
+
+
+def check_best_metric(cfg: Config, task: Any) -> None:
+    """That the metric `checkpoint.keep_best` ranks by is one the task logs (its eval/ metrics are
+    known without data); the task's own default may go unlogged while keep_best is 0."""
+    metric, _ = tasks.best_of(task, cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
+    if not metric.startswith("eval/") or (
+        cfg.checkpoint.best_metric is None and not cfg.checkpoint.keep_best
+    ):
+        return
+    logged = tasks.eval_metric_names(task, scored=bool(cfg.task.score_classifier))
+    if logged is None or metric in logged:
+        return
+    key = "checkpoint.best_metric" if cfg.checkpoint.best_metric else "checkpoint.keep_best"
+    hint = " (or task.score_classifier, which logs eval/digit_score)" if cfg.task.name == "gan" else ""
+    raise ConfigError(
+        f"config key '{key}': task '{cfg.task.name}' never logs {metric}, so no checkpoint could rank "
+        f"as best; it logs {', '.join(logged)}: set checkpoint.best_metric to one of them{hint}"
+    )
 
 
 def check_deepspeed(cfg: Config) -> None:
@@ -254,11 +321,18 @@ def make_plan(cfg: Config) -> Plan:
         cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
     )
     check_task(cfg, task, model)
+    check_best_metric(cfg, task)
     finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2
     finetune.freeze(model, cfg.init_from)
     trainable, frozen = models.count_parameters(model)
+    resume_from, target = resume_plan(cfg)
     return Plan(
-        cfg=cfg, spec=spec, params_trainable=trainable, params_frozen=frozen, resume_from=resume_point(cfg)
+        cfg=cfg,
+        spec=spec,
+        params_trainable=trainable,
+        params_frozen=frozen,
+        resume_from=resume_from,
+        resume_target=target,
     )
 
 
@@ -268,6 +342,18 @@ def prepare_run_dir(plan: Plan) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     # 0600 (credentials are `***` in it, but not the endpoint, bucket and paths around them)
     secrets.write_private(run_dir / "config.yaml", config_mod.dump_yaml(plan.cfg))
+    if plan.resume_target is not None:  # resume=PATH: newer commits aside, the rollback recorded
+        record = store.apply_resume_target(store.for_config(plan.cfg), plan.resume_target, plan.cfg.resume)
+        if record and record["abandoned"]:
+            print(
+                f"resume={plan.cfg.resume}: rolled back to step {record['step']}; the newer checkpoints "
+                f"{', '.join(record['abandoned'])} were moved to {record['moved_to']} (kept: never resumed "
+                "or deleted by a run; delete them once you are sure). This line continues as tracking run "
+                f"{record['run_id']}: metrics.jsonl holds it (the abandoned rows go to "
+                "metrics.<old run id>.jsonl); W&B cannot rewrite steps, so it gets a new run.",
+                file=sys.stderr,
+                flush=True,
+            )
     return run_dir
 
 

@@ -92,3 +92,24 @@ def build(name: str, args: dict[str, Any]) -> Task:
         raise ConfigError(
             f"config key 'task.args': {cls.__name__}(**{args}) raised {type(e).__name__}: {e}"
         ) from e
+
+
+def best_of(task: Task | type[Task], metric: str | None, mode: str | None) -> tuple[str, str]:
+    """(metric, mode) that `checkpoint.keep_best` and `Result.best` rank by: `checkpoint.best_metric`
+    where set, else the task's own `best_metric`; `checkpoint.best_mode` where set, else the task's
+    mode for its own metric and max for another."""
+    chosen = metric or task.best_metric
+    return chosen, mode or (task.best_mode if chosen == task.best_metric else "max")
+
+
+def eval_metric_names(task: Task, *, scored: bool = False) -> list[str] | None:
+    """The eval/ metrics `task` logs (its `eval_metrics` on a vector of ones: pure arithmetic), plus
+    eval/digit_score when generated samples are scored (`task.score_classifier`); None when the
+    task cannot tell without data (its eval_metrics raised)."""
+    import torch
+
+    try:
+        names = list(task.eval_metrics(torch.ones(task.EVAL_SUMS)))
+    except Exception:
+        return None
+    return sorted(set(names) | ({"eval/digit_score"} if scored else set()))

@@ -123,6 +123,11 @@ def _build(
     if resume_from:
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
+    # resuming a rollback's own commit: the new line's run id (its trainer state names the old line's)
+    line_id = store.line_run_id(cfg.checkpoint_dir, Path(resume_from)) if resume_from else None
+    rolled_back_from = state.run_id if line_id and line_id != state.run_id else None
+    if rolled_back_from:
+        state.run_id = line_id
 
     tracker = make_tracker(
         is_rank0=env.is_rank0,
@@ -132,6 +137,7 @@ def _build(
         config=cfg.to_dict(),
         run_id=state.run_id,
         name=cfg.name,
+        resume_step=state.step if resume_from else 0,
     )
     # a no-op after the run's own close with its summary; after an exception, W&B marks the run failed
     stack.push(lambda exc_type, exc, tb: tracker.close(failed=exc_type is not None))
@@ -159,6 +165,8 @@ def _build(
         print(telemetry.format_start_summary(cfg.name, state.run_id, summary), flush=True)
     if restarts:
         tracker.event("restart", attempt=restarts)
+    if rolled_back_from:
+        tracker.event("rollback", to_step=state.step, run_id=state.run_id, abandoned_run_id=rolled_back_from)
     if resume_from:
         weights = weights_checksum(engines)
         tracker.event(

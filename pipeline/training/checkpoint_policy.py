@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import tasks
 from pipeline.checkpoint import commit, store
 from pipeline.checkpoint.writer import BackgroundWriter
 from pipeline.config import Config
@@ -51,14 +52,14 @@ class CheckpointPolicy:
         self.world_size = world_size
         # The same for every save of the run: computed once.
         self.model_metadata = model_metadata(cfg, spec, num_outputs)
+        self.training_config = store.training_config(cfg.to_dict())
         self.writer = BackgroundWriter()
         self.store = store.for_config(cfg)
-        self.retention = commit.Retention(
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.keep_best,
-            cfg.checkpoint.best_metric,
-            cfg.checkpoint.best_mode,
+        # keep_best ranks by the task's own best metric unless checkpoint.best_metric names another
+        metric, mode = tasks.best_of(
+            tasks.task_class(cfg.task.name), cfg.checkpoint.best_metric, cfg.checkpoint.best_mode
         )
+        self.retention = commit.Retention(cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, metric, mode)
         self.pending: commit.PendingSave | None = None
         self.pending_weights: tuple[float, float] | None = None
         self.failures_in_a_row = 0
@@ -112,6 +113,7 @@ class CheckpointPolicy:
                     **self.model_metadata,
                     "world_size": self.world_size,
                     "config_digest": state.config_digest,
+                    "training_config": self.training_config,  # compared on resume (launch/plan.py)
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
                 },
                 before_commit=functools.partial(self.faults.in_save, step),
@@ -137,6 +139,7 @@ class CheckpointPolicy:
                 writer=self.writer,
                 # with a remote mirror, local retention runs after the upload (store.publish)
                 retention=None if self.store.remote else self.retention,
+                crash_point=functools.partial(self.faults.in_commit, pending.step),
             )
         except commit.SaveFailed as e:
             self._failed(pending.step, str(e), must_commit)

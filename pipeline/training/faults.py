@@ -11,6 +11,10 @@ micro-batch of a step with train.grad_accum > 1, counted from 0; without it ever
     enospc         raise OSError(ENOSPC) while committing the checkpoint of step STEP (once)
     raise          raise InjectedFault (a RuntimeError) at the start of step STEP (once per run dir)
     raise_always   the same, every time the step is reached: the run fails on every attempt
+    crash_after_manifest   SIGKILL rank 0 in the commit of step STEP: MANIFEST written, not renamed (once)
+    crash_after_old_aside  ... a commit of the same step moved aside, the new one not renamed yet (once)
+    crash_after_rename     ... renamed to step_X, before the directory fsync and retention (once)
+    crash_in_retention     ... while retention deletes an old commit (renamed, not yet removed) (once)
 Faults marked "once" leave a marker in <run_dir>/.faults/, so a restarted run does not repeat them.
 Unset (the default), nothing here does anything.
 """
@@ -29,6 +33,13 @@ ONCE = {"kill", "hang", "crash_in_save", "enospc"}
 # An exception in the training code, not a dead process: what the launcher reports as the root cause.
 KINDS |= {"raise", "raise_always"}
 ONCE |= {"raise"}
+
+
+# Points of the commit protocol (checkpoint/commit.py) where rank 0 can be killed: each must resume
+# from the last good commit.
+COMMIT_POINTS = ("after_manifest", "after_old_aside", "after_rename", "in_retention")
+KINDS |= {f"crash_{point}" for point in COMMIT_POINTS}
+ONCE |= {f"crash_{point}" for point in COMMIT_POINTS}
 
 
 class InjectedFault(RuntimeError):
@@ -95,6 +106,12 @@ class Faults:
 
     def nan_loss(self, step: int, micro: int = 0) -> bool:
         return self._fires("nan", step, micro)
+
+    def in_commit(self, step: int, point: str) -> None:
+        """Called by the commit of step `step` at each of COMMIT_POINTS (rank 0 only reaches them)."""
+        assert point in COMMIT_POINTS, point
+        if self._fires(f"crash_{point}", step):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def in_save(self, step: int) -> None:
         """Called by rank `rank` after its part of the checkpoint is written, before the commit."""

@@ -23,7 +23,12 @@ def agree_resume_point(cfg: Config, given: str | None, is_rank0: bool) -> str | 
     commit is the right one. Rank 0 decides (verification reads files), everyone follows."""
     choice = given
     if is_rank0:
-        newest = store.for_config(cfg).newest_verified(warn=lambda m: print(f"warning: {m}", flush=True))
+        # a commit that fails verification is set aside (corrupt-step_X-<time>): never counted as
+        # newest by retention, so it cannot make retention delete this run's valid commits
+        where = store.for_config(cfg)
+        newest = store.continue_line(
+            where, where.newest_verified(warn=lambda m: print(f"warning: {m}", flush=True), set_aside=True)
+        )
         if newest is not None and (given is None or _step_of(newest) > _step_of(Path(given))):
             choice = str(newest)
     return collectives.broadcast_object(choice)

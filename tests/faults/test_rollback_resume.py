@@ -1,0 +1,68 @@
+"""resume=PATH loads exactly that commit and continues the run from there (issue 16, finding 6): the
+newer commits move to checkpoints/abandoned-<time>/ (kept, never resumed or deleted), metrics.jsonl
+holds the new line (the old rows go to metrics.<old run id>.jsonl) under a new tracking run id, and
+the same command again (a requeue, a re-run after exit 75) continues the rolled-back line instead of
+rolling back again."""
+
+import json
+
+import pytest
+
+from pipeline import config, launch
+from pipeline.checkpoint import commit
+from pipeline.launch.plan import make_plan
+from tests.helpers import read_jsonl
+
+pytestmark = pytest.mark.faults
+
+BASE = [
+    "cluster.launcher=local",
+    "model.args.channels=[8,16]",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.eval_every=0",
+    "checkpoint.every=4",
+    "checkpoint.keep_last=10",
+    "precision=fp32",
+]
+
+
+def run_id_of(ckpt):
+    return json.loads((ckpt / commit.STATE_FILE).read_text())["run_id"]
+
+
+@pytest.mark.timeout(500)
+def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+
+    def segment(*extra):
+        cfg = config.load(
+            "configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra]
+        )
+        return launch.train(make_plan(cfg))
+
+    segment("train.max_steps=12")
+    old_id = run_id_of(root / "step_00000012")
+    back = f"resume={root / 'step_00000004'}"
+    final = segment(back, "train.max_steps=12")
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert [e["from_step"] for e in events if e["event"] == "resume"] == [4]  # before: 12, the newest
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert rollback["abandoned_run_id"] == old_id and rollback["run_id"] != old_id
+    (abandoned,) = root.glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["step_00000008", "step_00000012"]
+    assert [c.name for c in commit.committed(root)] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert run_id_of(root / "step_00000012") == rollback["run_id"] == final["run_id"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 13))  # the new line's steps 5-12 logged, none muted, none twice
+    old_steps = [r["step"] for r in read_jsonl(run_dir / f"metrics.{old_id}.jsonl") if "train/loss" in r]
+    assert old_steps == list(range(1, 13))
+
+    # the same command again, training longer: continues the rolled-back line from its step 12
+    final = segment(back, "train.max_steps=16")
+    resumes = [e["from_step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resumes == [4, 12] and final["step"] == 16 and final["run_id"] == rollback["run_id"]
+    assert len(list(root.glob("abandoned-*"))) == 1
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 17))
