@@ -2,6 +2,10 @@
 
 For laptops, debugging and the dist test tier; `cluster.launcher=local`. No automatic restarts here:
 that is what the Ray launcher is for.
+
+Everything listens on loopback only (one machine): the rendezvous store on 127.0.0.1 (it is
+unauthenticated: anyone who reaches it could join or stall the group), gloo/NCCL on the loopback
+interface unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pipeline import config as config_mod
 from pipeline import imports
 from pipeline.data.shards import DataSpec
 from pipeline.launch.plan import TrainingFailed
-from pipeline.net import free_port
+from pipeline.net import LOOPBACK, free_port, loopback_interface, loopback_listener
 from pipeline.training import loop
 
 
@@ -31,7 +35,7 @@ def worker(rank: int, world_size: int, port: int, payloads: list[dict[str, Any]]
     for payload in payloads:  # before anything is built: users' modules import as on the driver
         imports.add_paths(payload.get("module_roots", []))
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=LOOPBACK,
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -42,11 +46,16 @@ def worker(rank: int, world_size: int, port: int, payloads: list[dict[str, Any]]
     use_cuda = cluster.use_gpu and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(rank)
+    lo = loopback_interface()
+    if lo is not None:  # gloo and NCCL otherwise listen on the address the host name resolves to
+        os.environ.setdefault("NCCL_SOCKET_IFNAME" if use_cuda else "GLOO_SOCKET_IFNAME", lo)
+    timeout = timedelta(seconds=cluster.collective_timeout_s)
     dist.init_process_group(
         "nccl" if use_cuda else "gloo",
+        store=_rendezvous_store(rank, world_size, port, timeout),
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=cluster.collective_timeout_s),
+        timeout=timeout,
     )
     for payload in payloads:
         try:
@@ -73,6 +82,18 @@ def worker(rank: int, world_size: int, port: int, payloads: list[dict[str, Any]]
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _rendezvous_store(rank: int, world_size: int, port: int, timeout: timedelta) -> dist.TCPStore:
+    """The process group's TCPStore on 127.0.0.1:`port`, rank 0 serving it. Given a host name
+    (MASTER_ADDR, env://), torch binds the server to every interface; a socket bound to loopback,
+    handed over by its descriptor (the store owns it from then on), keeps it on this machine."""
+    if rank != 0:
+        return dist.TCPStore(LOOPBACK, port, world_size, is_master=False, timeout=timeout)
+    listen_fd = loopback_listener(port).detach()
+    return dist.TCPStore(
+        LOOPBACK, port, world_size, is_master=True, timeout=timeout, master_listen_fd=listen_fd
+    )
 
 
 def run(payload: dict[str, Any], world_size: int) -> dict[str, Any]:

@@ -1,8 +1,7 @@
 """Run the loop in a Ray Train V2 TorchTrainer: the only ray import.
 
-Without `cluster.address`, an in-process Ray cluster is started whose nodes use `cluster.node_ip`
-(default 127.0.0.2): Ray rewrites 127.0.0.1 to the machine's external interface, so a laptop run would
-otherwise send Ray's own traffic off loopback (ENVIRONMENT.md § Ray).
+Without `cluster.address`, the run starts its own one-node Ray cluster (ray_local: its own session,
+loopback only, its own token) and the driver joins it by address, as it joins `cluster.address`.
 
 The console shows our own lines (rank 0's start summary and progress, warnings, errors); Ray's
 INFO/WARNING chatter from its actors and workers stays in its log files, copied into RUN_DIR/logs/
@@ -23,16 +22,16 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline import config as config_mod
 from pipeline import imports, secrets, tracking
 from pipeline.data.shards import DataSpec
+from pipeline.launch import ray_local
 from pipeline.launch.plan import TrainingFailed, installed_dirs, user_code
 from pipeline.training import loop
-
-DEFAULT_LOCAL_NODE_IP = "127.0.0.2"
 
 
 def _train_fn(payload: dict[str, Any]) -> None:
@@ -94,6 +93,42 @@ def _divert_ray_core_line(line: str) -> bool:
     return True
 
 
+def bind_store_to_node() -> None:
+    """Every Ray worker process, at its start (runtime_env's worker_process_setup_hook): rank 0's
+    TCPStore, the rendezvous of the process group Ray Train sets up (env://), listens on the node's
+    address (MASTER_ADDR: 127.0.0.1 on the local cluster), not on every interface as torch binds it
+    given any host name. It is unauthenticated: anyone who reaches it can join or stall the group."""
+    import importlib
+    import socket
+
+    # the module (torch.distributed.rendezvous is also a function: `import ... as` would bind that)
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    original = rendezvous._create_c10d_store
+    if getattr(original, "bound_to_node", False):
+        return
+
+    def create_store(hostname, port, rank, world_size, timeout, use_libuv=True):  # torch's signature
+        if rank != 0 or rendezvous._torchelastic_use_agent_store():
+            return original(hostname, port, rank, world_size, timeout, use_libuv)
+        try:
+            listen_fd = socket.create_server((hostname, port), backlog=128).detach()
+        except OSError:  # not an address of this machine (a NAT'd node IP): torch's own bind
+            return original(hostname, port, rank, world_size, timeout, use_libuv)
+        return rendezvous.TCPStore(
+            hostname,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            multi_tenant=True,
+            master_listen_fd=listen_fd,
+            use_libuv=use_libuv,
+        )
+
+    create_store.bound_to_node = True
+    rendezvous._create_c10d_store = create_store
+
+
 def _worker_env_vars(cfg: config_mod.Config) -> dict[str, str]:
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -140,32 +175,6 @@ def _driver_ray_log(run_dir: Path, verbose: bool) -> logging.Handler:
     return handler
 
 
-def _session_logs_dir() -> Path | None:
-    """The log dir of the Ray session this process started (None when it joined a cluster)."""
-    import ray
-
-    try:  # no public API for it; the files are what `ray logs` reads
-        return Path(ray._private.worker.global_worker.node.get_logs_dir_path())
-    except AttributeError:
-        return None
-
-
-def _keep_session_logs(logs: Path | None, run_dir: Path) -> None:
-    """Copy the in-process cluster's log dir (every Ray process's and worker's stdout/stderr, Ray
-    Train's controller and worker logs) into RUN_DIR/logs/ray-<session>/: the run keeps what the
-    console no longer shows, and /tmp/ray does not outlive a reboot."""
-    if logs is None:
-        return
-    kept = run_dir / "logs" / f"ray-{logs.parent.name}"
-    try:
-        shutil.copytree(logs, kept, dirs_exist_ok=True)
-        # Credentials never reach Ray (runtime_env, payload); a traceback quoting one still might.
-        for path in [run_dir / "logs" / "ray.log", *kept.rglob("*")]:
-            secrets.scrub_file(path)
-    except (OSError, shutil.Error) as e:  # best effort: a run never fails over its logs
-        print(f"warning: Ray's logs stay in {logs} (not copied into the run dir: {e})", file=sys.stderr)
-
-
 def _failure_message(error: Exception, cfg: config_mod.Config) -> str:
     """Each failed rank with its root cause (exception type and message), instead of Ray's summary,
     which repeats every traceback the workers already printed above it."""
@@ -199,34 +208,76 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def run(payload: dict[str, Any]) -> dict[str, Any]:
+    """Train on the cluster at `cluster.address`, or on the run's own local cluster (ray_local: its
+    own session, loopback only, its own token), which is stopped when the run ends."""
+    cfg = config_mod.from_dict(payload["config"])
+    cluster = cfg.cluster
+    if cluster.address:
+        return _fit(payload, cfg, address=cluster.address, node_ip=cluster.node_ip)
+    needed_cpus = cluster.num_workers * cluster.cpus_per_worker
+    with (
+        ray_local.local_cluster(
+            requested_ip=cluster.node_ip,
+            num_cpus=max(os.cpu_count() or 1, needed_cpus),
+            run_dir=cfg.resolved_run_dir,
+        ) as local,
+        _environ(local.driver_env),
+    ):
+        return _fit(payload, cfg, address=local.address, node_ip=local.node_ip, local=True)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ (and no RAY_AUTH_TOKEN, which would win over the cluster's token file)
+    while the driver talks to the local cluster; the process's own environment back afterwards."""
+    saved = {key: os.environ.get(key) for key in [*values, "RAY_AUTH_TOKEN"]}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(values)
+    _reload_ray_settings()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_ray_settings()
+
+
+def _reload_ray_settings() -> None:
+    """Ray reads the auth mode, the token and whether 127.0.0.1 is rewritten (ray_local's doc) once,
+    when imported; a Python session may run several trainings, each with its own cluster and token."""
+    import ray._private.ray_constants as ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # as Ray's own token setup does after it sets RAY_AUTH_MODE
+    AuthenticationTokenLoader.instance().reset_cache()
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0"
+
+
+def _fit(
+    payload: dict[str, Any], cfg: config_mod.Config, *, address: str, node_ip: str | None, local: bool = False
+) -> dict[str, Any]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = config_mod.from_dict(payload["config"])
     cluster = cfg.cluster
     verbose = tracking.verbose()
     # A worker's stdout is a file that Ray forwards line by line; on a terminal, rank 0 sends relay
     # lines and this process draws them as one live bar (ProgressRelay below).
     progress = os.environ.get(tracking.PROGRESS_ENV) or ("relay" if sys.stdout.isatty() else "plain")
-    runtime_env = {"env_vars": _worker_env_vars(cfg) | {tracking.PROGRESS_ENV: progress}}
-    if cluster.address:
-        init_kwargs: dict[str, Any] = {"address": cluster.address, "runtime_env": runtime_env}
-        if cluster.node_ip:
-            init_kwargs["_node_ip_address"] = cluster.node_ip
-    else:
-        needed_cpus = cluster.num_workers * cluster.cpus_per_worker
-        init_kwargs = {
-            # "local": always a new in-process cluster. Without it ray.init joins whatever cluster
-            # /tmp/ray/ray_current_cluster names, even a stopped one (`ray start --block` ended by
-            # a signal leaves that file behind), and then refuses num_cpus.
-            "address": "local",
-            "num_cpus": max(os.cpu_count() or 1, needed_cpus),
-            "_node_ip_address": cluster.node_ip or DEFAULT_LOCAL_NODE_IP,
-            "include_dashboard": False,
-            "runtime_env": runtime_env,
-        }
+    runtime_env = {
+        "env_vars": _worker_env_vars(cfg) | {tracking.PROGRESS_ENV: progress},
+        "worker_process_setup_hook": "pipeline.launch.ray.bind_store_to_node",
+    }
+    # By address, never by discovery (/tmp/ray/ray_current_cluster, a scan for GCS processes):
+    # another run's cluster may be running on this machine.
+    init_kwargs: dict[str, Any] = {"address": address, "runtime_env": runtime_env}
+    if node_ip:
+        init_kwargs["_node_ip_address"] = node_ip
     if not verbose:
         # ERROR for the "ray" and root loggers of every process of this job (the Train controller, the
         # PlacementGroupCleaner that warns every few seconds without the dashboard's State API, the
@@ -236,11 +287,15 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
     root = logging.getLogger()
     root_state = root.level, root.handlers[:]
     ours = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    ray.init(**init_kwargs, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    try:
+        ray.init(**init_kwargs, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    except Exception as e:  # the run's own cluster is up but does not take the driver: the machine
+        if not local:
+            raise
+        raise ray_local.RayStartFailed(f"the driver could not join the run's local Ray cluster: {e}") from e
     root.setLevel(root_state[0])  # the LoggingConfig is for Ray's processes, not for this one's root
     root.handlers[:] = root_state[1]
     log_handler = _driver_ray_log(cfg.resolved_run_dir, verbose)
-    session_logs = None if cluster.address else _session_logs_dir()
     # ray.init installs a C++ handler that dies on SIGTERM; put back ours, which asks the workers to
     # commit a checkpoint and stop (exit 75).
     for sig, handler in ours.items():
@@ -284,7 +339,6 @@ def run(payload: dict[str, Any]) -> dict[str, Any]:
         ray.shutdown()
         logging.getLogger("ray").removeHandler(log_handler)
         log_handler.close()
-        _keep_session_logs(session_logs, cfg.resolved_run_dir)
 
 
 # --- `pipeline submit ray`: the Ray Job Submission API ---------------------------------------------
