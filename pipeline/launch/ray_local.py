@@ -118,9 +118,9 @@ def _failure_line(log: Path) -> str:
 
 def _start_failed(reason: str, log: Path) -> RayStartFailed:
     return RayStartFailed(
-        f"the run's local Ray cluster did not start: {reason}. This is the machine, not the config: "
-        "Ray times out like this under heavy load (busy CPUs or disk) or with little free memory, "
-        "/dev/shm or /tmp; nothing was trained. Re-run the same command when the machine is less "
+        f"the run's local Ray cluster did not start: {reason.rstrip('.')}. This is the machine, not "
+        "the config: Ray fails to start like this under heavy load (busy CPUs or disk) or with little free "
+        "memory, /dev/shm or /tmp; nothing was trained. Re-run the same command when the machine is less "
         f"busy (it resumes from the last checkpoint, if any). Ray's own output: {log}"
     )
 
