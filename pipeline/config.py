@@ -292,7 +292,7 @@ class ClusterConfig(Section):
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(0, ge=0)
     address: str | None = Field(None, description="existing Ray cluster; default: start one in-process")
-    node_ip: str | None = Field(None, description="address Ray nodes use; in-process default 127.0.0.2")
+    node_ip: str | None = Field(None, description="address Ray nodes use; local cluster: 127.0.0.1")
     collective_timeout_s: int = Field(
         300, gt=0, le=MAX_TIMEOUT_S, description="a collective that waits longer fails (at most 7 days)"
     )

@@ -6,8 +6,8 @@ Why not the cluster `ray.init()` starts inside the driver:
 - Process group. ray.init starts GCS, raylet and agents in the driver's process group, so a signal to
   the whole group (`timeout`, Ctrl-C in a shell, `kill -- -PGID`, a supervisor) kills them while the
   driver starts its commit: no checkpoint, no exit 75. Here the group signal reaches the driver
-  alone; it commits, then stops the cluster. If the driver dies, the kernel signals the head
-  (PR_SET_PDEATHSIG) and Ray's reaper ends the rest of its session.
+  alone; it commits, then stops the cluster. If the driver dies, the kernel kills the head
+  (PR_SET_PDEATHSIG) and Ray's fate sharing and reaper end the rest of its session.
 - Loopback. Ray binds GCS, raylet, core workers, agents and metrics to every interface unless the
   node IP is exactly 127.0.0.1, and rewrites 127.0.0.1 to the machine's external address unless
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which only stops other nodes from joining: this cluster has one).
@@ -81,9 +81,11 @@ def _write_token(temp_dir: Path) -> Path:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """The driver died (SIGKILL, OOM): nothing of the run may go on training without it. Killed,
+    `ray start` takes GCS and raylet with it (Ray's own fate sharing) and its reaper the rest."""
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _head_command(node_ip: str, port: int, num_cpus: int, temp_dir: Path) -> list[str]:
