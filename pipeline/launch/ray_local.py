@@ -17,8 +17,8 @@ Why not the cluster `ray.init()` starts inside the driver:
 - Discovery. Without RAY_ADDRESS, Ray Train's placement-group cleaner finds "the" cluster by looking
   for GCS processes and fails when there are two ("Found multiple active Ray instances"). Every
   process of this cluster gets RAY_ADDRESS.
-- Token. Ray's token auth is on, with a token made for this cluster in a 0600 file of its 0700 temp
-  dir (RAY_AUTH_TOKEN_PATH), not the shared ~/.ray/auth_token (written 0644).
+- Token. Ray's token auth is on, with a token made for this cluster in a 0600 file of a 0700 dir that
+  also holds Ray's temp dir (RAY_AUTH_TOKEN_PATH), not the shared ~/.ray/auth_token (written 0644).
 """
 
 from __future__ import annotations
@@ -178,13 +178,15 @@ def local_cluster(
     """Start the run's Ray cluster and stop it on exit (its logs copied into RUN_DIR/logs/).
     Raises RayStartFailed when it does not come up."""
     node_ip = node_ip_for(requested_ip)
-    temp_dir = Path(tempfile.mkdtemp(prefix="pipeline-ray-", dir=_short_tmp()))  # 0700
+    # 0700, ours alone: the token, and Ray's temp dir inside it (Ray makes that one world-writable)
+    base = Path(tempfile.mkdtemp(prefix="pipeline-ray-", dir=_short_tmp()))
+    temp_dir = base / "r"
     log = run_dir / "logs" / HEAD_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     address = f"{node_ip}:{free_port(node_ip)}"
     shared = {
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(_write_token(temp_dir)),
+        "RAY_AUTH_TOKEN_PATH": str(_write_token(base)),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ADDRESS": address,
     }
@@ -218,6 +220,6 @@ def local_cluster(
     finally:
         if head is not None:
             _stop(head)
-        keep_temp = not _keep_logs(temp_dir, run_dir)
+        keep_temp = not _keep_logs(temp_dir, run_dir)  # the logs (and the token with them) stay
         if not keep_temp:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(base, ignore_errors=True)
