@@ -32,7 +32,7 @@ def run_id_of(ckpt):
 
 
 @pytest.mark.timeout(500)
-def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digits_dir, tmp_path):
+def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digits_dir, tmp_path, capfd):
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
 
@@ -45,7 +45,11 @@ def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digit
     segment("train.max_steps=12")
     old_id = run_id_of(root / "step_00000012")
     back = f"resume={root / 'step_00000004'}"
+    capfd.readouterr()
     final = segment(back, "train.max_steps=12")
+    told = capfd.readouterr().err  # the user is told what moved where, and about W&B
+    assert "rolled back to step 4; the newer checkpoints step_00000008, step_00000012 were moved to" in told
+    assert "W&B cannot rewrite steps" in told
     events = read_jsonl(run_dir / "events.jsonl")
     assert [e["from_step"] for e in events if e["event"] == "resume"] == [4]  # before: 12, the newest
     (rollback,) = [e for e in events if e["event"] == "rollback"]
