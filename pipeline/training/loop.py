@@ -166,7 +166,9 @@ def finish(ctx: RunContext, *, preempted: bool) -> dict[str, Any]:
         "finish", step=ctx.state.step, samples_skipped=ctx.state.samples_skipped, preempted=preempted
     )
     if ctx.env.is_rank0:  # the W&B run summary: final and best metrics, where the checkpoints are
-        best_ckpt = commit.best(ctx.cfg.checkpoint_dir, best_metric, ctx.task.best_mode)
+        # the checkpoint checkpoint.keep_best ranks first (checkpoint.best_metric, else the task's)
+        ranking = ctx.checkpoints.retention
+        best_ckpt = commit.best(ctx.cfg.checkpoint_dir, ranking.metric, ranking.mode)
         last_ckpt = ctx.checkpoints.last_uri()
         summary = {"checkpoint/last": last_ckpt, "checkpoint/best": best_ckpt and str(best_ckpt)}
         ctx.tracker.close(summary=ctx.final | summary, checkpoint=last_ckpt)
