@@ -2,7 +2,7 @@
 newer commits move to checkpoints/abandoned-<time>/ (kept, never resumed or deleted), metrics.jsonl
 holds the new line (the old rows go to metrics.<old run id>.jsonl) under a new tracking run id, and
 the same command again (a requeue, a re-run after exit 75) continues the rolled-back line instead of
-rolling back again."""
+rolling back again. And a fresh start over corrupt commits: a new line too."""
 
 import json
 
@@ -70,3 +70,36 @@ def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digit
     assert len(list(root.glob("abandoned-*"))) == 1
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 17))
+
+
+@pytest.mark.timeout(300)
+def test_a_fresh_start_over_corrupt_commits_keeps_its_own_commit_and_logs_every_step(digits_dir, tmp_path):
+    """Every commit fails verification, so the run starts fresh: the corrupt ones are set aside, never
+    counted as newest (before: keep_last=1 kept the corrupt step 8 and deleted the fresh run's only
+    valid commit, step 4), and the old run's metrics no longer mute the new steps 1-4."""
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+
+    def segment(*extra):
+        cfg = config.load(
+            "configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra]
+        )
+        return launch.train(make_plan(cfg))
+
+    segment("train.max_steps=8")
+    old_id = run_id_of(root / "step_00000008")
+    for ckpt in commit.committed(root):
+        (ckpt / commit.STATE_FILE).write_text("{}")
+    final = segment("train.max_steps=4", "checkpoint.keep_last=1")
+    assert final["run_id"] != old_id and not [
+        e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"
+    ]
+    assert [c.name for c in commit.committed(root)] == ["step_00000004"]
+    commit.verify(root / "step_00000004")
+    assert sorted(p.name[:21] for p in root.glob("corrupt-*")) == [
+        "corrupt-step_00000004",
+        "corrupt-step_00000008",
+    ]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]  # before: muted, as replays of the old run's steps
+    assert len([r for r in read_jsonl(run_dir / f"metrics.{old_id}.jsonl") if "train/loss" in r]) == 8
