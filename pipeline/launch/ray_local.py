@@ -42,7 +42,7 @@ from pipeline.launch.plan import TrainingFailed
 from pipeline.net import LOOPBACK, free_port, is_loopback, loopback_interface
 
 START_TIMEOUT_S = 120.0  # Ray's own wait for its raylet is 30 s; a loaded machine needs longer in all
-STOP_TIMEOUT_S = 30.0
+STOP_GRACE_S = 3.0
 HEAD_LOG = "ray-head.log"
 
 
@@ -140,16 +140,14 @@ def _wait_until_up(head: subprocess.Popen, temp_dir: Path, log: Path, timeout_s:
 
 
 def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM: `ray start --block` ends its processes; whatever outlives it in its session (our own
-    process group: the head leads it) is killed."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+    """The driver is done with the cluster (ray.shutdown): SIGTERM to its whole session (our own
+    process group, led by the head), then SIGKILL after STOP_GRACE_S, as `ray stop --force` would.
+    Nothing of it is kept but the logs; a graceful stop made GCS and raylet drain for 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):  # the group outlives its leader: its members
+            os.killpg(head.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=wait_s)
 
 
 def _keep_logs(temp_dir: Path, run_dir: Path) -> bool:
