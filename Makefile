@@ -1,6 +1,6 @@
 # Every target creates/updates the virtualenv it needs, so `make smoke` / `make test` work on a fresh
 # machine. On a machine without CUDA we install the CPU build of torch first (TORCH_SPEC): once it is
-# there, `torch>=2.4` in pyproject.toml is satisfied and pip does not pull a multi-GB CUDA build.
+# there, `torch>=2.6` in pyproject.toml is satisfied and pip does not pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
