@@ -80,12 +80,20 @@ def _write_token(temp_dir: Path) -> Path:
     return path
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    """The driver died (SIGKILL, OOM): nothing of the run may go on training without it. Killed,
-    `ray start` takes GCS and raylet with it (Ray's own fate sharing) and its reaper the rest."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+def _die_with_parent_hook():
+    """A preexec_fn for the head: when the driver dies (SIGKILL, out of memory), the kernel kills
+    the head (PR_SET_PDEATHSIG), which takes GCS and raylet with it (Ray's own fate sharing) and its
+    reaper the rest: nothing of the run goes on training without it. prctl is looked up here, in
+    the parent: between fork and exec the child may only make the call (no loader locks)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_SET_PDEATHSIG = 1
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    return hook
 
 
 def _head_command(node_ip: str, port: int, num_cpus: int, temp_dir: Path) -> list[str]:
@@ -211,7 +219,7 @@ def local_cluster(
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent_hook(),
             )
         _wait_until_up(head, temp_dir, log, timeout_s)
         yield LocalCluster(address=address, node_ip=node_ip, temp_dir=temp_dir, driver_env=shared)
