@@ -17,6 +17,17 @@ from pipeline.data.transforms import normalize
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A small, fast 2-process run without Ray (the local launcher, fp32): the overrides the fault tests
+# of the local launcher start from, each adding its own intervals, retention and faults.
+LOCAL_SMALL_RUN = [
+    "cluster.launcher=local",
+    "model.args.channels=[8,16]",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "train.eval_every=0",
+    "precision=fp32",
+]
+
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout_s: float = 900):
     """Run `python -m pipeline ARGS` as a user would; returns the CompletedProcess."""

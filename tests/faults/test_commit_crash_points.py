@@ -9,21 +9,11 @@ import pytest
 from pipeline import config, launch
 from pipeline.checkpoint import commit
 from pipeline.launch.plan import TrainingFailed, make_plan
-from tests.helpers import read_jsonl
+from tests.helpers import LOCAL_SMALL_RUN, read_jsonl
 
 pytestmark = pytest.mark.faults
 
-BASE = [
-    "cluster.launcher=local",
-    "model.args.channels=[8,16]",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "train.eval_every=0",
-    "checkpoint.every=4",
-    "checkpoint.keep_last=1",
-    "precision=fp32",
-    "train.max_steps=8",
-]
+BASE = [*LOCAL_SMALL_RUN, "checkpoint.every=4", "checkpoint.keep_last=1", "train.max_steps=8"]
 
 
 @pytest.mark.timeout(400)

@@ -11,20 +11,11 @@ import torch
 from pipeline import config, launch
 from pipeline.checkpoint import commit, export
 from pipeline.launch.plan import TrainingFailed, make_plan
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import LOCAL_SMALL_RUN, read_jsonl, run_cli
 
 pytestmark = pytest.mark.faults
 
-BASE = [
-    "cluster.launcher=local",
-    "model.args.channels=[8,16]",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "train.eval_every=0",
-    "checkpoint.every=4",
-    "checkpoint.keep_last=10",
-    "precision=fp32",
-]
+BASE = [*LOCAL_SMALL_RUN, "checkpoint.every=4", "checkpoint.keep_last=10"]
 
 
 def cfg_for(digits_dir, run_dir, *extra):

@@ -10,19 +10,11 @@ import pytest
 
 from pipeline import config, launch
 from pipeline.launch.plan import make_plan
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import LOCAL_SMALL_RUN, read_jsonl, run_cli
 
 pytestmark = pytest.mark.faults
 
-BASE = [
-    "cluster.launcher=local",
-    "model.args.channels=[8,16]",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "train.eval_every=0",
-    "precision=fp32",
-    "train.max_steps=4",
-]
+BASE = [*LOCAL_SMALL_RUN, "train.max_steps=4"]
 
 
 @pytest.mark.timeout(300)
