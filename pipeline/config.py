@@ -341,8 +341,12 @@ SBATCH_OWN = {
 _SBATCH_PREFIX_OPTIONS = {"ntasks", "gpus"}  # real options that are prefixes of one of ours
 
 
+# Control characters but tab: a newline ends a shell line or an #SBATCH block, the others hide text.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _no_control_chars(v: str) -> str:
-    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v):
+    if CONTROL_CHARS.search(v):
         raise ValueError("must not contain a newline or other control character")
     return v
 
@@ -432,7 +436,7 @@ class SlurmConfig(Section):
     @classmethod
     def _one_line_each(cls, v: list[str]) -> list[str]:
         for line in v:
-            if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", line):
+            if CONTROL_CHARS.search(line):
                 raise ValueError(f"entry {line!r}: one shell line per entry, without control characters")
         return v
 
