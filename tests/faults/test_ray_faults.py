@@ -1,5 +1,6 @@
-"""Kill a Ray worker, kill the driver, preempt with SIGTERM: through the CLI, on a real in-process Ray
-cluster (127.0.0.2), 2 workers. A resumed run must be the run that was never interrupted."""
+"""Kill a Ray worker, kill the driver, preempt with SIGTERM: through the CLI, on the run's own local
+Ray cluster (127.0.0.1, loopback only), 2 workers. A resumed run must be the run that was never
+interrupted."""
 
 import json
 import os

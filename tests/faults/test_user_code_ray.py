@@ -1,4 +1,4 @@
-"""A user's package on the in-process Ray cluster (127.0.0.2), 2 workers: named by file path from the
+"""A user's package on the run's own local Ray cluster (127.0.0.1), 2 workers: named by file path from the
 CLI, and by module path from a Python script that only put it on sys.path (as a notebook would), the
 Ray workers import it as the driver did. SIGKILL of a worker: Ray restarts it and the per-step losses
 equal the unbroken run's (fp32, bitwise); `pipeline eval` and `pipeline export` work on its checkpoints."""

@@ -1,5 +1,5 @@
 """A worker that raises (once, or on every attempt) and a worker that hangs, under the Ray launcher: through
-the CLI, on a real in-process Ray cluster (127.0.0.2), 2 workers. What the user sees is part of the
+the CLI, on the run's own local Ray cluster (127.0.0.1), 2 workers. What the user sees is part of the
 contract: the exit code, and an error line naming the rank, the root cause and the command that resumes."""
 
 import os

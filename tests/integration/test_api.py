@@ -1,5 +1,5 @@
 """The Python API from outside the package, as a user's script calls it: `pipeline.train` on the
-in-process Ray cluster (loopback 127.0.0.2, 2 workers) returns a Result that is what the run dir's
+local Ray cluster (loopback 127.0.0.1, 2 workers) returns a Result that is what the run dir's
 files say, and `Result.from_path` reads the same Result back."""
 
 from __future__ import annotations

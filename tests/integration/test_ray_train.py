@@ -1,4 +1,4 @@
-"""End to end through the CLI on a real in-process Ray cluster (loopback 127.0.0.2), 2 workers."""
+"""End to end through the CLI on the run's own local Ray cluster (loopback 127.0.0.1), 2 workers."""
 
 import json
 import re
