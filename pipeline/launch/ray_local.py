@@ -74,7 +74,7 @@ def _short_tmp() -> str:
 
 def _write_token(temp_dir: Path) -> Path:
     path = temp_dir / "auth_token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, secrets.PRIVATE_FILE)
     with os.fdopen(fd, "w") as f:
         f.write(token_source.token_hex(32))
     return path

@@ -18,6 +18,12 @@ pytestmark = pytest.mark.faults
 BASE = [*LOCAL_SMALL_RUN, "checkpoint.every=4", "checkpoint.keep_last=10"]
 
 
+def segment(digits_dir, run_dir, *extra):
+    """One `pipeline train` on run_dir (BASE plus `extra`): its final metrics."""
+    cfg = config.load("configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra])
+    return launch.train(make_plan(cfg))
+
+
 def run_id_of(ckpt):
     return json.loads((ckpt / commit.STATE_FILE).read_text())["run_id"]
 
@@ -27,17 +33,11 @@ def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digit
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
 
-    def segment(*extra):
-        cfg = config.load(
-            "configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra]
-        )
-        return launch.train(make_plan(cfg))
-
-    segment("train.max_steps=12")
+    segment(digits_dir, run_dir, "train.max_steps=12")
     old_id = run_id_of(root / "step_00000012")
     back = f"resume={root / 'step_00000004'}"
     capfd.readouterr()
-    final = segment(back, "train.max_steps=12")
+    final = segment(digits_dir, run_dir, back, "train.max_steps=12")
     told = capfd.readouterr().err  # the user is told what moved where, and about W&B
     assert "rolled back to step 4; the newer checkpoints step_00000008, step_00000012 were moved to" in told
     assert "W&B cannot rewrite steps" in told
@@ -55,7 +55,7 @@ def test_resume_path_rolls_back_and_a_rerun_continues_the_rolled_back_line(digit
     assert old_steps == list(range(1, 13))
 
     # the same command again, training longer: continues the rolled-back line from its step 12
-    final = segment(back, "train.max_steps=16")
+    final = segment(digits_dir, run_dir, back, "train.max_steps=16")
     resumes = [e["from_step"] for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"]
     assert resumes == [4, 12] and final["step"] == 16 and final["run_id"] == rollback["run_id"]
     assert len(list(root.glob("abandoned-*"))) == 1
@@ -71,17 +71,11 @@ def test_a_fresh_start_over_corrupt_commits_keeps_its_own_commit_and_logs_every_
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
 
-    def segment(*extra):
-        cfg = config.load(
-            "configs/smoke.yaml", [*BASE, f"data.train={digits_dir}", f"run_dir={run_dir}", *extra]
-        )
-        return launch.train(make_plan(cfg))
-
-    segment("train.max_steps=8")
+    segment(digits_dir, run_dir, "train.max_steps=8")
     old_id = run_id_of(root / "step_00000008")
     for ckpt in commit.committed(root):
         (ckpt / commit.STATE_FILE).write_text("{}")
-    final = segment("train.max_steps=4", "checkpoint.keep_last=1")
+    final = segment(digits_dir, run_dir, "train.max_steps=4", "checkpoint.keep_last=1")
     assert final["run_id"] != old_id and not [
         e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resume"
     ]
