@@ -77,9 +77,11 @@ class FieldsConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(
+    train: str | None = Field(
+        None,
         description="dir with a MANIFEST (`pipeline data prepare` or `pipeline data index`), or shard URLs "
-        "(brace patterns) listed in the MANIFEST beside them"
+        "(brace patterns) listed in the MANIFEST beside them; required unless the task learns from "
+        "environments (env.id)",
     )
     val: str | None = Field(None, description="val shards; defaults to the prepared dir's val split")
     batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="samples per worker per micro-step")
@@ -283,6 +285,30 @@ class TaskConfig(Section):
         return v
 
 
+class EnvConfig(Section):
+    """Environments an environment task (task.name: ppo) learns from: every training worker steps
+    `num_envs` copies of Gymnasium environment `id` (seeded per seed, rank and env index)."""
+
+    id: str | None = Field(
+        None, description="a registered Gymnasium id, e.g. CartPole-v1 (needs `pip install .[rl]`)"
+    )
+    num_envs: int = Field(4, ge=1, le=4096, description="environment copies per training worker")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of gymnasium.make (e.g. g for Pendulum-v1)"
+    )
+    max_episode_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="episode time limit; default: the environment's own"
+    )
+    eval_episodes: int = Field(
+        20, ge=1, le=100_000, description="episodes of the deterministic policy per evaluation"
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _plain_id(cls, v: str | None) -> str | None:
+        return None if v is None else _no_control_chars(v)
+
+
 class ClusterConfig(Section):
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Train workers; local: torch.multiprocessing, no Ray (debugging)"
@@ -467,7 +493,8 @@ class Config(Section):
         description="0 to 2**32-1: numpy refuses negative seeds, and per-rank seeds derived from it "
         "(seed x 100003 + rank + 7919 x step) must fit torch's 64-bit generator",
     )
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -224,8 +224,13 @@ def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.op
     return cls(groups, lr=optim.lr, betas=optim.betas)
 
 
-def _group_schedule(optim: OptimConfig, max_steps: int, start_step: int):
-    def factor(step: int) -> float:
+def _group_schedule(optim: OptimConfig, max_steps: int, start_step: int, updates_per_step: int = 1):
+    """The LR multiplier of one parameter group by optimizer update; with several updates per loop
+    step (an environment task's epochs x minibatches), constant within a loop step and scheduled over
+    loop steps, as PPO anneals its LR per iteration."""
+
+    def factor(update: int) -> float:
+        step = update // updates_per_step
         return 0.0 if step < start_step else lr_factor(step, optim, max_steps)
 
     return factor
@@ -455,6 +460,7 @@ def build_engine(
     lr_mult: dict[str, float] | None = None,
     delayed: list[str] | None = None,
     start_step: int = 0,
+    updates_per_step: int = 1,
 ) -> Engine:
     """Collective: every rank must call it in the same order (DeepSpeed broadcasts/partitions here).
     `load_universal`: the checkpoint to load next is a DeepSpeed universal checkpoint (world-size change)."""
@@ -476,7 +482,8 @@ def build_engine(
     optimizer = make_optimizer(groups, optim)
     # One LR function per group: a pure function of the step, so a resumed run recreates it exactly.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [_group_schedule(optim, train.max_steps, g["start_step"]) for g in groups]
+        optimizer,
+        [_group_schedule(optim, train.max_steps, g["start_step"], updates_per_step) for g in groups],
     )
     # DeepSpeed prints (not logs) its op builds and communication setup here; a quiet console keeps
     # them out unless `pipeline train --verbose`. Errors still raise (and go to stderr).

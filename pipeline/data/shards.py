@@ -303,6 +303,9 @@ class DataSpec:
     label_type: str | None = "int"  # "int" | "name" (class names, looked up in `classes`) | None: no labels
     decode: str | None = None  # the decode function the MANIFEST was indexed with (never imported from it)
     indexed: bool = False  # `pipeline data index` (users' shards) rather than `pipeline data prepare`
+    # an environment task's action space (envs.spaces); kind is then "environment" and sample_shape
+    # the observation shape
+    action_space: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()

@@ -23,6 +23,7 @@ from pipeline.checkpoint import commit, store, trust
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_first_sample, check_shard_count, shards_per_rank
+from pipeline.launch import environments
 from pipeline.training import finetune
 
 
@@ -64,11 +65,25 @@ class Plan:
             f"{self.cfg.checkpoint_dir}/abandoned-<time>/ (kept, never resumed)"
         )
 
-    def describe(self) -> str:
+    def _data_lines(self) -> list[str]:
         cfg, spec = self.cfg, self.spec
+        if spec.kind == "environment":
+            return environments.describe(cfg, spec, self.world_size)
         epochs = ""
         if spec.train_samples:
             epochs = f" (~{cfg.train.max_steps * self.samples_per_step / spec.train_samples:.1f} epochs)"
+        return [
+            f"data          {len(spec.train_urls)} train shard(s) ({spec.train_samples or '?'} samples), "
+            f"{len(spec.val_urls)} val shard(s) ({spec.val_samples or '?'} samples), "
+            f"input {tuple(spec.sample_shape)}, {spec.num_classes} classes",
+            f"shards/worker {self.shards_per_worker()} "
+            f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
+            f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
+            f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
+        ]
+
+    def describe(self) -> str:
+        cfg = self.cfg
         lines = [
             f"run dir       {cfg.resolved_run_dir}",
             f"launcher      {cfg.cluster.launcher}, {self.world_size} worker(s) x "
@@ -84,13 +99,7 @@ class Plan:
             f"{' + param offload' if cfg.zero.offload_params else ''}",
             f"optimizer     {cfg.optim.name} lr={cfg.optim.lr:g} wd={cfg.optim.weight_decay:g} "
             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_steps} warmup steps",
-            f"data          {len(spec.train_urls)} train shard(s) ({spec.train_samples or '?'} samples), "
-            f"{len(spec.val_urls)} val shard(s) ({spec.val_samples or '?'} samples), "
-            f"input {tuple(spec.sample_shape)}, {spec.num_classes} classes",
-            f"shards/worker {self.shards_per_worker()} "
-            f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
-            f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
-            f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
+            *self._data_lines(),
             f"resume        {f'from {self.resume_from}' if self.resume_from else 'fresh start'}"
             f"{self._rollback_note()}",
             f"eval          every {cfg.train.eval_every or 'end'}; checkpoint every "
@@ -297,9 +306,18 @@ def check_deepspeed(cfg: Config) -> None:
         )
 
 
-def make_plan(cfg: Config) -> Plan:
-    cfg = _absolute(cfg)
-    check_deepspeed(cfg)
+def shard_spec(cfg: Config, task: Any) -> shards.DataSpec:
+    """The shards of a task that reads them, resolved and their first sample decoded."""
+    if cfg.env.id is not None:
+        raise ConfigError(
+            f"config key 'env.id': task '{cfg.task.name}' reads shards (data.train); env.* configures "
+            "the environments of an environment task (task.name: ppo): remove env.id"
+        )
+    if cfg.data.train is None:
+        raise ConfigError(
+            "config key 'data.train' is required: a dir written by `pipeline data prepare` or `pipeline "
+            "data index`, or shard URLs (or, for reinforcement learning, task.name=ppo with env.id)"
+        )
     spec = shards.resolve(
         cfg.data.train,
         cfg.data.val,
@@ -310,16 +328,31 @@ def make_plan(cfg: Config) -> Plan:
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
     check_first_sample(spec, cfg.data)  # a wrong data.fields / data.decode fails here: exit 2
-    task = tasks.build(cfg.task.name, cfg.task.args)
     if task.needs_labels and spec.num_classes == 0:  # found now, not as a cross-entropy error mid-run
         raise ConfigError(
             f"config key 'task.name': task '{cfg.task.name}' trains on labels, but data.train has none (its "
             "MANIFEST records no target): index it with `pipeline data index ... --target KEY`, or use a "
             "task without labels (autoencoder, vae, gan, next_step)"
         )
+    return spec
+
+
+def make_plan(cfg: Config) -> Plan:
+    cfg = _absolute(cfg)
+    check_deepspeed(cfg)
+    task = tasks.build(cfg.task.name, cfg.task.args)
+    # an environment task's unknown ids and spaces are exit 2 naming env.id, as shards are data.train
+    is_env = task.source == "environment"
+    spec = environments.environment_spec(cfg) if is_env else shard_spec(cfg, task)
     model = models.build(
-        cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
+        cfg.model.name,
+        cfg.model.args,
+        spec.sample_shape,
+        task.num_outputs(spec.num_classes),
+        action_space=spec.action_space,
     )
+    if is_env:
+        environments.check_policy(cfg, model, spec)
     check_task(cfg, task, model)
     check_best_metric(cfg, task)
     finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2

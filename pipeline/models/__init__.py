@@ -7,7 +7,8 @@ accept `num_classes` and ignore it.
 
 `model.name` may also name the user's own `nn.Module` subclass by import path, `package.module:Class`
 or `path/to/file.py:Class`: it gets `model.args` as keyword arguments, plus `input_shape` (a tuple) and
-`num_classes` from the data when its constructor names those parameters. It is validated as the
+`num_classes` from the data (and, for an environment task, `action_space`) when its constructor names
+those parameters. It is validated as the
 built-in models are (unknown args with a did-you-mean; a constructor with **kwargs takes anything), and
 built once on the driver, so a wrong path or a constructor that raises is a ConfigError before any
 worker starts.
@@ -23,6 +24,7 @@ from torch import nn
 
 from pipeline import imports
 from pipeline.config import ConfigError
+from pipeline.models.actor_critic import ActorCritic
 from pipeline.models.autoencoder import ConvAutoencoder, ConvVAE
 from pipeline.models.cnn import SmallCNN
 from pipeline.models.gan import DCGAN
@@ -42,9 +44,10 @@ REGISTRY: dict[str, type[nn.Module]] = {
     "dcgan": DCGAN,
     "autoencoder": ConvAutoencoder,
     "vae": ConvVAE,
+    "actor_critic": ActorCritic,
 }
 
-_FROM_DATA = ("input_shape", "num_classes")
+_FROM_DATA = ("input_shape", "num_classes", "action_space")
 
 
 def model_class(name: str) -> type[nn.Module]:
@@ -105,15 +108,22 @@ def check_args(name: str, args: dict[str, Any]) -> None:
 
 
 def build(
-    name: str, args: dict[str, Any], input_shape: list[int] | tuple[int, ...], num_classes: int
+    name: str,
+    args: dict[str, Any],
+    input_shape: list[int] | tuple[int, ...],
+    num_classes: int,
+    action_space: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The model `name` names, built with `args` (lists become tuples) and, where its constructor
-    names them, `input_shape` and `num_classes` from the data."""
+    names them, `input_shape` and `num_classes` from the data, and `action_space` from the
+    environment of an environment task (envs.spaces: discrete or box)."""
     check_args(name, args)
     cls = model_class(name)
     named = {p.name for p in _parameters(cls)[0]}
     data = {"input_shape": tuple(input_shape), "num_classes": num_classes}
     kwargs = {k: v for k, v in data.items() if k in named or name in REGISTRY}
+    if "action_space" in named:
+        kwargs["action_space"] = action_space
     kwargs |= {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
         model = cls(**kwargs)

@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.gan import GanTask
+from pipeline.tasks.ppo import PpoTask
 from pipeline.tasks.reconstruct import AutoencoderTask, VaeTask
 from pipeline.tasks.sequence import NextStepTask
 
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "vae": VaeTask,
     "gan": GanTask,
+    "ppo": PpoTask,
 }
 
 # What a task class must define beyond the base class (the base raises NotImplementedError).
@@ -47,7 +49,11 @@ def task_class(name: str) -> type[Task]:
 
 def check_protocol(cls: type[Task], *, where: str) -> None:
     """What the loop relies on, checked before any worker starts."""
-    missing = [m for m in _REQUIRED if getattr(cls, m) is getattr(Task, m)]
+    if cls.source not in ("shards", "environment"):
+        raise ConfigError(f"{where}: source must be 'shards' or 'environment', got {cls.source!r}")
+    # an environment task's evaluation runs episodes with act(), not eval_sums over val batches
+    required = ("train_step", "act", "eval_metrics") if cls.source == "environment" else _REQUIRED
+    missing = [m for m in required if getattr(cls, m) is getattr(Task, m)]
     if missing:
         raise ConfigError(f"{where} does not define {', '.join(missing)} (see pipeline.Task)")
     engines = cls.ENGINES

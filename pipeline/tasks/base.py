@@ -27,6 +27,17 @@ error otherwise, instead of hanging. A loss that reaches another engine's parame
 generator loss through the discriminator) goes through that engine's `.module` with its parameters'
 `requires_grad` off, so only the updated engine computes gradients (see tasks/gan.py).
 Randomness (noise, mixup, masks) drawn from torch's global RNG is restored exactly on resume.
+
+A task that learns by acting (reinforcement learning, tasks/ppo.py) sets `source = "environment"`:
+its batches come from environments instead of shards. The loop then gives each `train_step` the
+worker's environments as `step.envs` (an `Environments`: `env.num_envs` copies of Gymnasium
+`env.id`, whose states the checkpoints hold) and empty `x`/`y`; the task collects its own rollout
+and may call `update` several times per step, declaring how many in `updates_per_step` (the LR
+schedule counts loop steps). It defines `act(models, obs, action_space=..., deterministic=...)`,
+which evaluation uses: `env.eval_episodes` episodes of the deterministic policy, summed into the
+vector EPISODE_SUMS names, which `eval_metrics` turns into eval/ metrics (the base class's default:
+eval/return, eval/return_std, eval/length). Environment tasks train under ZeRO 0-2: the ranks'
+evaluation episodes end at different times, and ZeRO-3 would need every forward on every rank.
 """
 
 from __future__ import annotations
@@ -61,6 +72,21 @@ class Updatable(Protocol):
     def discard_grads(self) -> None: ...
 
 
+class Environments(Protocol):
+    """What `Step.envs` offers an environment task (pipeline.envs.VectorEnvs)."""
+
+    action_space: dict[str, Any]  # {"type": "discrete", "n": N} | {"type": "box", "shape", "low", "high"}
+    observations: Any  # np.ndarray (num_envs, *observation shape), float32: the current observations
+
+    @property
+    def num_envs(self) -> int: ...
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[int, Any]]:
+        """(observations, rewards, terminated, truncated, {env index: final observation}) as numpy
+        arrays; copies whose episode ended are reset at once (their final observation in the dict)."""
+        ...
+
+
 class Model:
     """A forward-only view of an engine for task code: call it, or read `.module`."""
 
@@ -91,8 +117,10 @@ class Step:
         engines: Mapping[str, Updatable],
         agree: Agree,
         skipped: bool = False,
+        envs: Environments | None = None,
     ) -> None:
         self.x, self.y, self.number = x, y, number
+        self.envs = envs  # an environment task's environments (None for a task that reads shards)
         self.models = forward_only(engines)
         self._engines = engines
         self._agree = agree
@@ -145,6 +173,39 @@ class Task:
     best_metric = "eval/accuracy"
     best_mode = "max"
     needs_labels = True
+    source = "shards"  # or "environment": batches come from env.id (see the module docstring)
+    # an environment task's eval vector: what evaluation sums over its episodes
+    EPISODE_SUMS = ("episodes", "return", "return_squared", "length")
+
+    @property
+    def updates_per_step(self) -> int:
+        """`Step.update` calls per engine per loop step (an environment task's epochs x minibatches):
+        the LR schedule advances once per loop step, whatever this is."""
+        return 1
+
+    def act(
+        self,
+        models: Mapping[str, Model],
+        obs: torch.Tensor,
+        *,
+        action_space: dict[str, Any],
+        deterministic: bool,
+    ) -> torch.Tensor:
+        """An environment task's actions for a batch of observations (the mode of its policy when
+        `deterministic`: evaluation and exported policies)."""
+        raise NotImplementedError
+
+    def episode_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """eval/ metrics of an environment task from the EPISODE_SUMS vector summed over episodes."""
+        episodes, total, squared, length = (float(v) for v in sums)
+        mean = total / max(episodes, 1.0)
+        variance = max(squared / max(episodes, 1.0) - mean * mean, 0.0)
+        return {
+            "eval/return": mean,
+            "eval/return_std": variance**0.5,
+            "eval/length": length / max(episodes, 1.0),
+            "eval/episodes": episodes,
+        }
 
     def normalization(self, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
         """The per-channel (mean, std) inputs are normalised with: the data's by default."""

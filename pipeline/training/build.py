@@ -28,7 +28,7 @@ from pipeline.data.stream import Batch, TrainBatches
 from pipeline.engine import Engine, build_engine, choose_precision, forced_bf16_warning, native_bf16
 from pipeline.tasks.base import Task
 from pipeline.tracking import JsonlWriter, make_tracker
-from pipeline.training import collectives, finetune, resume, telemetry
+from pipeline.training import collectives, experience, finetune, resume, telemetry
 from pipeline.training.agreement import Agreement
 from pipeline.training.checkpoint_policy import CheckpointPolicy, weights_checksum
 from pipeline.training.evaluator import Evaluator
@@ -66,7 +66,7 @@ class RunContext:
     task: Task
     engines: dict[str, Engine]
     state: TrainState
-    batches: TrainBatches
+    batches: TrainBatches | experience.EnvironmentSource  # shards, or an environment task's environments
     tracker: Any
     counters: DataCounters
     meter: Meter
@@ -141,10 +141,7 @@ def _build(
     )
     # a no-op after the run's own close with its summary; after an exception, W&B marks the run failed
     stack.push(lambda exc_type, exc, tb: tracker.close(failed=exc_type is not None))
-    cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state.data_cursor else None
-    batches = TrainBatches(
-        spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
-    )
+    batches = make_source(cfg, spec, env, task, state if resume_from else None)
     stack.callback(batches.close)
     summary = telemetry.start_summary(
         cfg=cfg,
@@ -161,6 +158,10 @@ def _build(
     if init:
         summary["init_from"] = init  # what init_from loaded, excluded, adapted, held
     tracker.event("start", run_id=state.run_id, **summary)
+    if isinstance(batches, experience.EnvironmentSource):
+        summary["environment"] = f"{cfg.env.id} x {cfg.env.num_envs} per worker" + (
+            "" if batches.restored or not resume_from else ", new episodes (another world size)"
+        )
     if env.is_rank0:
         print(telemetry.format_start_summary(cfg.name, state.run_id, summary), flush=True)
     if restarts:
@@ -210,7 +211,7 @@ def _build(
         log_image=tracker.image,
     )
     meter = Meter(
-        samples_per_micro_batch=cfg.data.batch_size * env.world_size,
+        samples_per_micro_batch=samples_per_step(cfg, task, env.world_size),
         grad_accum=cfg.train.grad_accum,
         wait_s=lambda: batches.wait_s,
     )
@@ -239,6 +240,25 @@ def _build(
     )
 
 
+def make_source(
+    cfg: Config, spec: DataSpec, env: WorkerEnv, task: Task, state: TrainState | None
+) -> TrainBatches | experience.EnvironmentSource:
+    """The worker's training data: its shards from the resumed cursor, or (an environment task) its
+    environments from the resumed environment states. `state`: the resumed TrainState, else None."""
+    if task.source == "environment":
+        return experience.EnvironmentSource(cfg, rank=env.rank, world_size=env.world_size, state=state)
+    cursor = data_cursor.Cursor.from_dict(state.data_cursor) if state and state.data_cursor else None
+    return TrainBatches(
+        spec, cfg.data, env.rank, env.world_size, cfg.seed, cursor, pin_memory=env.device.startswith("cuda")
+    )
+
+
+def samples_per_step(cfg: Config, task: Task, world_size: int) -> int:
+    """Samples of one micro-batch on all ranks; an environment task's are its environment steps, which
+    the loop sets after each step (train/samples_per_s is then environment steps per second)."""
+    return 0 if task.source == "environment" else cfg.data.batch_size * world_size
+
+
 def _agree_precision(cfg: Config, env: WorkerEnv) -> tuple[Config, str]:
     """Collective: `precision: auto` becomes bf16 only when every rank's device computes it natively
     (one max all-reduce of "lacks it"), so all ranks train in the same precision."""
@@ -264,7 +284,11 @@ def build_engines(
     # then a per-rank seed so dropout masks differ between ranks.
     torch.manual_seed(cfg.seed)
     model = models.build(
-        cfg.model.name, cfg.model.args, spec.sample_shape, task.num_outputs(spec.num_classes)
+        cfg.model.name,
+        cfg.model.args,
+        spec.sample_shape,
+        task.num_outputs(spec.num_classes),
+        action_space=spec.action_space,
     )
     init: dict[str, Any] = {}
     if not resume_from:  # a resumed fine-tuning run gets its weights from its own checkpoint
@@ -293,6 +317,7 @@ def build_engines(
             lr_mult=cfg.init_from.lr_mult,
             delayed=delayed if cfg.init_from.unfreeze_at_step else None,
             start_step=cfg.init_from.unfreeze_at_step,
+            updates_per_step=task.updates_per_step,
         )
         if held:  # until the step the engine's LR schedule unfreezes them (its count survives resume)
             steps = lambda e=engines[name]: e.ds.lr_scheduler.last_epoch  # noqa: E731

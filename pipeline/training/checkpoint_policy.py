@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
 from pipeline.training import collectives
+from pipeline.training.experience import EnvironmentSource
 from pipeline.training.faults import Faults
 from pipeline.training.meter import DataCounters
 from pipeline.training.resume import rng_state
@@ -89,9 +90,11 @@ class CheckpointPolicy:
         self.counters.sync(state, self.tracker.event)  # the sample counts are part of the state
         if self.pending is not None:
             self.finish(must_commit=False)  # its writes had a whole checkpoint interval to finish
-        state.data_cursor = data_cursor.merge_rank_states(
-            collectives.gather_objects(self.batches.local_state())
-        ).to_dict()
+        gathered = collectives.gather_objects(self.batches.local_state())
+        if isinstance(self.batches, EnvironmentSource):  # every rank's environments, in rank order
+            state.env_states = gathered
+        else:
+            state.data_cursor = data_cursor.merge_rank_states(gathered).to_dict()
         state.rng = collectives.gather_objects(rng_state())
         for engine in engines.values():
             collectives.average_buffers(engine.module)  # the saved statistics are every rank's
@@ -200,7 +203,9 @@ def model_metadata(cfg: Config, spec: DataSpec, num_outputs: int) -> dict[str, A
             "args": cfg.model.args,
             "input_shape": spec.sample_shape,
             "num_classes": num_outputs,  # what the model was built with (0: no labels, e.g. a GAN)
+            "action_space": spec.action_space,  # an environment task's (None otherwise)
         },
+        "env": cfg.env.model_dump() if spec.action_space else None,
         "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
         "task": {"name": cfg.task.name, "args": cfg.task.args},
         "precision": cfg.precision,

@@ -24,7 +24,7 @@ from pipeline.data.stream import eval_batches
 from pipeline.data.transforms import normalize
 from pipeline.engine import choose_precision, native_bf16
 from pipeline.tasks.base import Model, Task, forward_only
-from pipeline.training import collectives
+from pipeline.training import collectives, experience
 from pipeline.training.state import TrainState
 
 
@@ -69,10 +69,11 @@ class Evaluator:
     ) -> None:
         self.engines, self.models = engines, forward_only(engines)
         self.task, self.spec, self.device, self.is_rank0 = task, spec, device, is_rank0
-        self.data, self.seed = cfg.data, cfg.seed
+        self.data, self.seed, self.cfg = cfg.data, cfg.seed, cfg
+        self.episodes = task.source == "environment"  # evaluated by episodes, not val shards
         self.samples_dir = cfg.resolved_run_dir / "samples"
         self.log_image = log_image
-        self.fixed_x = None if task.needs_labels else fixed_inputs(spec, cfg.data, device)
+        self.fixed_x = None if task.needs_labels or self.episodes else fixed_inputs(spec, cfg.data, device)
         self.classifier = (
             load_classifier(cfg.task.score_classifier, device) if cfg.task.score_classifier else None
         )
@@ -92,9 +93,14 @@ class Evaluator:
             collectives.average_buffers(engine.module)  # DeepSpeed never syncs BatchNorm statistics
             engine.train(False)
         try:
-            metrics = val_metrics(
-                self.models, task=self.task, spec=self.spec, data=self.data, device=self.device
-            )
+            if self.episodes:
+                metrics = experience.evaluate_episodes(
+                    self.models, task=self.task, cfg=self.cfg, spec=self.spec, device=self.device
+                )
+            else:
+                metrics = val_metrics(
+                    self.models, task=self.task, spec=self.spec, data=self.data, device=self.device
+                )
             self._write_grid(step)
             if self.classifier is not None:
                 score = self._classifier_score()
@@ -214,7 +220,9 @@ def evaluate_checkpoint(cfg: Config, spec: DataSpec, ckpt: Path) -> dict[str, An
     weights, in one process without DeepSpeed, in the precision the run would choose here."""
     manifest = commit.read_manifest(ckpt)
     meta = manifest["model"]
-    model = models.build(meta["name"], meta["args"], meta["input_shape"], meta["num_classes"])
+    model = models.build(
+        meta["name"], meta["args"], meta["input_shape"], meta["num_classes"], meta.get("action_space")
+    )
     task_meta = manifest.get("task", {"name": "classify", "args": {}})
     task = tasks.build(task_meta["name"], task_meta["args"])
     parts = task.split(model)
@@ -225,5 +233,10 @@ def evaluate_checkpoint(cfg: Config, spec: DataSpec, ckpt: Path) -> dict[str, An
     spec = dataclasses.replace(spec, mean=mean, std=std)
     precision, _ = choose_precision(cfg.precision, native=native_bf16("cpu"), device="cpu")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        metrics = val_metrics(forward_only(parts), task=task, spec=spec, data=cfg.data, device="cpu")
+        if task.source == "environment":  # env.eval_episodes episodes of the deterministic policy
+            metrics = experience.evaluate_episodes(
+                forward_only(parts), task=task, cfg=cfg, spec=spec, device="cpu"
+            )
+        else:
+            metrics = val_metrics(forward_only(parts), task=task, spec=spec, data=cfg.data, device="cpu")
     return {"checkpoint": str(ckpt), "step": manifest["step"], **metrics}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from pipeline.checkpoint import commit
 from pipeline.config import Config
 from pipeline.data.shards import DataSpec
@@ -22,6 +24,7 @@ from pipeline.training import telemetry
 from pipeline.training.agreement import Flags
 from pipeline.training.build import RunContext, WorkerEnv, build_run
 from pipeline.training.checkpoint_policy import weights_checksum
+from pipeline.training.experience import EnvironmentSource, episode_window
 from pipeline.training.meter import TooManyBadSamples
 
 __all__ = ["NonFiniteLoss", "TooManyBadSamples", "WorkerEnv", "due", "run", "train_step"]
@@ -72,12 +75,7 @@ def train_step(ctx: RunContext, step: int, *, measure_grad_norm: bool) -> Flags:
     step_losses: list[dict[str, Any]] = []
     skipped = False
     for micro in range(ctx.cfg.train.grad_accum):
-        batch = ctx.next_batch()
-        step_keys += batch.keys
-        ctx.agreement.at(step, micro)
-        x = normalize(batch.x.to(ctx.env.device, non_blocking=True), ctx.spec.mean, ctx.spec.std)
-        y = batch.y.to(ctx.env.device, non_blocking=True)
-        io = Step(x=x, y=y, number=step, engines=ctx.engines, agree=ctx.agreement, skipped=skipped)
+        io = next_input(ctx, step, micro, skipped, step_keys)
         losses = ctx.task.train_step(io)
         if io.updates == 0:  # the stop and writes flags are agreed once per micro-batch regardless
             ctx.agreement.refresh()
@@ -87,6 +85,10 @@ def train_step(ctx: RunContext, step: int, *, measure_grad_norm: bool) -> Flags:
                 engine.abandon_accumulation()  # earlier micro-batches' gradients of this step
         step_losses.append(losses)
     ctx.state.step = step
+    if isinstance(ctx.batches, EnvironmentSource):  # samples are environment steps (counted, not planned)
+        taken = ctx.batches.take_steps()
+        ctx.counters.good += taken
+        ctx.meter.samples_per_micro_batch = taken * ctx.env.world_size
     if skipped:
         note_nonfinite(ctx, step)
     else:
@@ -94,11 +96,34 @@ def train_step(ctx: RunContext, step: int, *, measure_grad_norm: bool) -> Flags:
         for losses in step_losses:
             ctx.meter.add(losses)
     ctx.meter.step_done()
-    if ctx.ledger is not None:
+    if ctx.ledger is not None and step_keys:
         ctx.ledger.write({"step": step, "keys": step_keys})
     if "first_step" not in ctx.startup_marks:
         note_first_step(ctx, step)
     return ctx.agreement.flags
+
+
+def next_input(ctx: RunContext, step: int, micro: int, skipped: bool, step_keys: list[str]) -> Step:
+    """The task's view of one micro-batch: the next batch of shards, normalised on the device, or an
+    environment task's environments (it collects its own rollout; grad_accum is 1, plan.py)."""
+    if isinstance(ctx.batches, EnvironmentSource):
+        ctx.agreement.at(step, micro)
+        empty = torch.empty(0, device=ctx.env.device)
+        return Step(
+            x=empty,
+            y=empty,
+            number=step,
+            engines=ctx.engines,
+            agree=ctx.agreement,
+            skipped=skipped,
+            envs=ctx.batches.envs,
+        )
+    batch = ctx.next_batch()
+    step_keys += batch.keys
+    ctx.agreement.at(step, micro)
+    x = normalize(batch.x.to(ctx.env.device, non_blocking=True), ctx.spec.mean, ctx.spec.std)
+    y = batch.y.to(ctx.env.device, non_blocking=True)
+    return Step(x=x, y=y, number=step, engines=ctx.engines, agree=ctx.agreement, skipped=skipped)
 
 
 def note_first_step(ctx: RunContext, step: int) -> None:
@@ -127,6 +152,9 @@ def log_window(ctx: RunContext, step: int) -> None:
     """Collective (host syncs once per log interval): the window's train/ metrics to the tracker."""
     ctx.counters.sync(ctx.state, ctx.tracker.event)
     metrics = ctx.meter.window_metrics()  # the mean losses, samples/s, input stall
+    if isinstance(ctx.batches, EnvironmentSource):  # the episodes finished in the window
+        metrics |= episode_window(ctx.batches)
+        metrics["train/env_steps"] = ctx.state.samples_seen
     # the first engine's LR and grad norm are train/lr and train/grad_norm
     metrics |= telemetry.optimizer_metrics(ctx.engines, ctx.task.ENGINES[0])
     metrics |= {

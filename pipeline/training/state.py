@@ -22,6 +22,9 @@ class TrainState:
     data_cursor: dict[str, Any] | None = None  # pipeline.data.cursor.Cursor.to_dict() of all ranks
     rng: list[dict[str, Any]] = field(default_factory=list)  # RNG states of every rank, in rank order
     nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss
+    # an environment task's environments (envs.VectorEnvs.local_state() of every rank, in rank order);
+    # samples_seen then counts environment steps
+    env_states: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

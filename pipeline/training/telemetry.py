@@ -131,7 +131,9 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
         f"  math       {s['precision']} ({s.get('precision_reason', 'set in the config')}), "
         f"ZeRO stage {s['zero_stage']}" + (f", offload {'+'.join(s['offload'])}" if s["offload"] else ""),
         f"  params     {s['params_trainable']:,} trainable, {s['params_frozen']:,} frozen",
-        f"  data       {s['train_shards']} train shards, {s['train_samples']:,} samples; per worker "
+        f"  envs       {s['environment']}"
+        if s.get("environment")
+        else f"  data       {s['train_shards']} train shards, {s['train_samples']:,} samples; per worker "
         f"{spread(s['shards_per_rank'])} shards, {spread(s['samples_per_rank'])} samples this epoch",
         *([f"  init_from  {format_init(s['init_from'])}"] if s.get("init_from") else []),
         f"  run dir    {Path(s['run_dir']).resolve()}",
