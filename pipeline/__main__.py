@@ -460,25 +460,40 @@ def _bench_data(root: Path, names: list[str]) -> None:
 @app.command("eval")
 def eval_cmd(
     target: Path = typer.Argument(..., help="a run dir (its newest checkpoint) or a checkpoint dir"),
-    overrides: list[str] = typer.Argument(None, help="overrides of the run's config, e.g. data.val=DIR"),
+    overrides: list[str] = typer.Argument(
+        None, help="overrides of the run's config, e.g. data.val=DIR or env.eval_episodes=50"
+    ),
 ) -> None:
-    """Score a checkpoint on the val shards of its run (config.yaml beside it), without DeepSpeed."""
+    """Score a checkpoint on the val shards of its run (config.yaml beside it), without DeepSpeed; for
+    an RL run (env.id), env.eval_episodes episodes of its deterministic policy, episode e seeded by its
+    index as in the run's own evaluation: a line "return MEAN +- STD over N episodes", then the JSON."""
     from pipeline import api
 
     try:
         metrics = api.evaluate(target, overrides or [])
     except ConfigError as e:
         _fail(str(e))
+    if "eval/return" in metrics:
+        typer.echo(
+            f"return {metrics['eval/return']:.2f} +- {metrics['eval/return_std']:.2f} over "
+            f"{int(metrics['eval/episodes'])} episodes (deterministic policy)"
+        )
     typer.echo(json.dumps(metrics))
 
 
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="a checkpoint dir (step_XXXXXXXX) or a run dir (newest)"),
-    out: Path = typer.Option(..., "--out", help="output file: a torch state_dict (+ FILE.json metadata)"),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="output file: a torch state_dict (+ FILE.json metadata; + FILE.policy.pt2 for an RL run)",
+    ),
     engine: str = typer.Option("model", "--engine", help="which engine of the checkpoint"),
 ) -> None:
-    """Write consolidated fp32 weights that load into the plain nn.Module without DeepSpeed."""
+    """Write consolidated fp32 weights that load into the plain nn.Module without DeepSpeed. For an RL
+    run (env.id) also FILE.policy.pt2: the deterministic policy (observations -> actions) as a
+    torch.export program that needs only torch: torch.export.load(FILE.policy.pt2).module()(obs)."""
     from pipeline import api
 
     try:
@@ -486,6 +501,8 @@ def export_cmd(
     except ConfigError as e:
         _fail(str(e))
     typer.echo(f"exported {meta['checkpoint']} (step {meta['step']}) -> {out}")
+    if meta.get("policy", {}).get("file"):
+        typer.echo(f"policy: {out.with_name(meta['policy']['file'])} ({meta['policy']['load']})")
     typer.echo(json.dumps(meta["model"]))
 
 

@@ -171,7 +171,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """`pipeline eval`: the task's metrics of a checkpoint (or a run dir's newest) on the val shards
     of its run's config (config.yaml beside it; `overrides` over it, e.g. {"data.val": DIR}), in one
-    process without DeepSpeed. {"checkpoint", "step", "eval/...": ...}."""
+    process without DeepSpeed. {"checkpoint", "step", "eval/...": ...}. An environment task's are
+    env.eval_episodes episodes of its deterministic policy (e.g. {"env.eval_episodes": 50}), seeded by
+    episode index as the run's own evaluation: eval/return, eval/return_std, eval/length, eval/episodes."""
     from pipeline.training.evaluator import evaluate_checkpoint, find_checkpoint
 
     ckpt = find_checkpoint(Path(target))
@@ -192,7 +194,9 @@ def evaluate(
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, engine: str = "model") -> dict[str, Any]:
     """`pipeline export`: consolidated fp32 weights of one engine of a checkpoint (or a run dir's newest)
     as a torch state_dict at `out` (+ `out`.json metadata), loadable into the plain nn.Module without
-    DeepSpeed. Returns the metadata: {"checkpoint", "step", "engine", "model", "data", ...}."""
+    DeepSpeed; for an environment task also `out`.policy.pt2, its deterministic policy as a torch.export
+    program (pipeline.checkpoint.policy). Returns the metadata: {"checkpoint", "step", "engine",
+    "model", "data", ...; "policy": {"file", "input", "output", "env", ...} for an environment task}."""
     from pipeline.checkpoint import commit
     from pipeline.checkpoint import export as export_mod
 

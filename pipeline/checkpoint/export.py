@@ -2,6 +2,10 @@
 
 FILE        torch.save(state_dict): `model.load_state_dict(torch.load(FILE), strict=True)`
 FILE.json   what built the model: registry name, args, input shape, classes, source checkpoint
+FILE.policy.pt2  (an environment task's run, e.g. PPO) the deterministic policy as a self-contained
+            torch.export program, observations -> actions, that loads with plain torch:
+            `torch.export.load(FILE.policy.pt2).module()(obs)` (policy.py); FILE.json's `policy`
+            names its input, output and environment
 
 Every file of the checkpoint is read with tensors only (trust.py): a checkpoint from elsewhere whose
 files would need arbitrary unpickling is refused (exit 2), naming the file.
@@ -11,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.checkpoint import trust
+from pipeline.checkpoint import policy, trust
 from pipeline.checkpoint.commit import CheckpointError, verify
 
 
@@ -45,8 +50,13 @@ def consolidated_state_dict(ckpt: Path, engine: str = "model") -> dict[str, torc
 
 
 def export(ckpt: Path, out: Path, engine: str = "model") -> dict[str, Any]:
+    """FILE (+ FILE.json, + FILE.policy.pt2 for an environment task): see the module docstring."""
     state_dict = consolidated_state_dict(ckpt, engine)
     manifest = verify(ckpt)
+    program = None
+    if manifest.get("model", {}).get("action_space"):  # an environment task: its policy as a program
+        weights = {name: consolidated_state_dict(ckpt, name) for name in manifest["engines"]}
+        program = policy.load_policy(ckpt, weights)
     meta = {
         "format": "pipeline-weights/1",
         "engine": engine,
@@ -62,6 +72,17 @@ def export(ckpt: Path, out: Path, engine: str = "model") -> dict[str, Any]:
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(state_dict, tmp)
     os.replace(tmp, out)
+    if program is not None:
+        path = out.with_name(out.name + policy.SUFFIX)
+        try:
+            policy.export_policy(program, meta["model"]["input_shape"], path)
+            meta["policy"] = policy.describe(meta["model"], manifest.get("env"), path)
+        except Exception as e:  # a user's task whose act() cannot be traced: the weights still stand
+            print(
+                f"warning: no {path.name}: torch.export could not trace the task's act(): {e}",
+                file=sys.stderr,
+            )
+            meta["policy"] = {"error": f"torch.export failed: {e}"}
     sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     return meta

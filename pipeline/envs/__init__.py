@@ -104,7 +104,8 @@ def to_env_action(action: np.ndarray, space: dict[str, Any]) -> Any:
     """A policy's action as the environment takes it: an int, or a Gaussian sample clipped to the box."""
     if space["type"] == "discrete":
         return int(action)
-    return np.clip(np.asarray(action, dtype=np.float32), space["low"], space["high"])
+    # float32 as the Box is (clipping to the bounds' Python floats alone would hand it float64)
+    return np.clip(np.asarray(action, dtype=np.float32), space["low"], space["high"]).astype(np.float32)
 
 
 class VectorEnvs:
