@@ -358,7 +358,7 @@ def submit_ray(
 @app.command("bench")
 def bench_cmd(
     names: list[str] = typer.Argument(
-        ..., help="overhead, startup, loader, checkpoint, gpu, recipes (what each measures: above)"
+        ..., help="overhead, startup, loader, checkpoint, gpu, recipes, rl (what each measures: above)"
     ),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON to this file"),
     data: Path = typer.Option(
@@ -368,10 +368,12 @@ def bench_cmd(
         None,
         "--recipes",
         help="overhead: of cnn,resnet18,lstm,dcgan; recipes: of cnn,resnet18,lstm-rows,gru-rows,"
-        "lstm-next-row,autoencoder,vae,dcgan (default: all)",
+        "lstm-next-row,autoencoder,vae,dcgan; rl: of cartpole,acrobot (default: all)",
     ),
     stages: str = typer.Option("0,2", "--stages", help="overhead: which ZeRO stages, e.g. 0,1,2"),
-    repeats: int = typer.Option(1, "--repeats", min=1, help="runs of each measurement (medians)"),
+    repeats: int = typer.Option(
+        1, "--repeats", min=1, help="runs of each measurement (medians); rl: seeds 1..N of each recipe"
+    ),
     samples: int = typer.Option(3000, "--samples", min=1, help="loader: synthetic JPEGs to write"),
     size: str = typer.Option("256x256", "--size", help="loader: their size in pixels, HxW"),
     jpegs: Path = typer.Option(None, "--jpegs", help="loader: a prepared dir of JPEG shards instead"),
@@ -382,8 +384,8 @@ def bench_cmd(
     loader_workers: int = typer.Option(
         None, "--loader-workers", min=1, help="gpu: loader processes (default: cores - 2)"
     ),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="recipes: where their run dirs go (replaced)"),
-    launcher: str = typer.Option("ray", "--launcher", help="recipes: cluster.launcher, ray | local"),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="recipes, rl: where their run dirs go (replaced)"),
+    launcher: str = typer.Option("ray", "--launcher", help="recipes, rl: cluster.launcher, ray | local"),
 ) -> None:
     """Measure and print ratio tables, baseline and ours side by side in one run.
 
@@ -394,6 +396,7 @@ def bench_cmd(
     checkpoint  checkpoint commit MB/s against dd, and the loop time lost per save
     gpu         ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)
     recipes     does each recipe learn on MNIST-5k: its eval metric against its goal, wall time
+    rl          PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve
 
     overhead compares with a DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch
     and precision, after a warm-up that covers the first epoch; startup warms the op cache first;
@@ -406,7 +409,7 @@ def bench_cmd(
         _fail(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     modules = {name: importlib.import_module(f"pipeline.bench.{name}") for name in dict.fromkeys(names)}
     # which recipes each benchmark trains (--recipes names them in that benchmark's own terms)
-    choices = {"overhead": "RECIPES", "recipes": "GOALS"}
+    choices = {"overhead": "RECIPES", "recipes": "GOALS", "rl": "RECIPES"}
     picked = {
         name: recipes.split(",") if recipes else list(getattr(modules[name], attr))
         for name, attr in choices.items()
@@ -435,6 +438,8 @@ def bench_cmd(
                 table = bench.run(params_m, ckpt_dir, echo=typer.echo)
             elif name == "gpu":
                 table = bench.run(data / "mnist5k", images, batch, loader_workers, echo=typer.echo)
+            elif name == "rl":
+                table = bench.run(picked[name], runs, repeats, launcher, echo=typer.echo)
             else:
                 table = bench.run(picked[name], data / "mnist5k", runs, launcher, echo=typer.echo)
             typer.echo(format_table(f"--- {name}", table))

@@ -49,36 +49,86 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return steps, [by_step[s] for s in steps]
 
 
+def env_steps_of(rows: list[dict[str, Any]], steps: list[int]) -> list[float]:
+    """The environment steps at each of `steps`, interpolated between the logged train/env_steps
+    (an eval row has the step but not the counter; the counter grows linearly between logs)."""
+    import numpy as np
+
+    known, counts = series(rows, "train/env_steps")
+    return [float(v) for v in np.interp(steps, known, counts)] if known else []
+
+
+def is_rl(rows: list[dict[str, Any]]) -> bool:
+    """A run of an environment task: it logs episode returns against an environment-step counter."""
+    return any("train/env_steps" in r for r in rows) and any(
+        "train/episode_return" in r or "eval/return" in r for r in rows
+    )
+
+
 def plot(rows: list[dict[str, Any]], title: str, out: Path) -> Path:
-    """Loss curves, eval metrics, throughput and LR, one panel each, as a PNG."""
+    """Loss curves, eval metrics, throughput and LR, one panel each, as a PNG; an environment task's
+    run gets a first panel of episode returns (training episodes, and evaluation with its std)
+    against environment steps."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
 
     keys = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
+    rl = is_rl(rows)
+    shown_apart = {"eval/samples"} | ({"eval/return", "eval/return_std", "eval/episodes"} if rl else set())
     panels = [
         ("training loss", sorted(k for k in keys if k.startswith("train/") and k.endswith("loss"))),
-        ("eval", sorted(k for k in keys if k.startswith("eval/") and k != "eval/samples")),
+        ("eval", sorted(k for k in keys if k.startswith("eval/") and k not in shown_apart)),
         ("samples/s", ["train/samples_per_s"] if "train/samples_per_s" in keys else []),
         ("learning rate", sorted(k for k in keys if k.startswith("train/lr"))),
     ]
     panels = [(name, ks) for name, ks in panels if ks]
-    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (name, ks) in zip(axes[:, 0], panels, strict=True):
+    if not rl:
+        figure, axes = plt.subplots(
+            len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False
+        )
+        step_axes = list(axes[:, 0])
+    else:  # the returns on their own x axis (env steps) above the panels that share the step axis
+        figure, axes = plt.subplots(len(panels) + 1, 1, figsize=(8, 2.6 * (len(panels) + 1)), squeeze=False)
+        _returns_panel(axes[0, 0], rows)
+        step_axes = list(axes[1:, 0])
+        for ax in step_axes[1:]:
+            ax.sharex(step_axes[0])
+        for ax in step_axes[:-1]:
+            ax.tick_params(labelbottom=False)
+    for ax, (name, ks) in zip(step_axes, panels, strict=True):
         for key in ks:
             steps, values = series(rows, key)
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    axes[-1, 0].set_xlabel("step")
+    step_axes[-1].set_xlabel("step")
     figure.suptitle(title)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def _returns_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """train/episode_return (mean over the episodes finished in each log window) and eval/return
+    (deterministic policy, +- its std over the episodes) against train/env_steps."""
+    steps, values = series(rows, "train/episode_return")
+    if steps:
+        ax.plot(env_steps_of(rows, steps), values, label="train/episode_return")
+    steps, values = series(rows, "eval/return")
+    if steps:
+        _, stds = series(rows, "eval/return_std")
+        at = env_steps_of(rows, steps)
+        errors = stds if len(stds) == len(values) else None
+        ax.errorbar(at, values, yerr=errors, marker="o", markersize=4, capsize=3, label="eval/return")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
 
 
 def summary(
@@ -112,6 +162,33 @@ def summary(
         for k in ("restart", "resume", "preempted", "nonfinite", "skip_sample", "checkpoint_failed")
         if kinds[k]
     )
+    if is_rl(rows):
+        lines.append(returns_line(rows))
     lines.append(f"events        {happened or 'no restarts, resumes, preemptions, skips or failed saves'}")
     lines.append(f"checkpoints   {', '.join(commits) if commits else 'none'}")
     return "\n".join(lines)
+
+
+def returns_line(rows: list[dict[str, Any]]) -> str:
+    """An environment task's episode returns in one line: the last training window's and the best,
+    the last evaluation's mean +- std, and the environment steps they were reached at."""
+    parts = []
+    steps, values = series(rows, "train/episode_return")
+    if steps:
+        at = env_steps_of(rows, steps)
+        parts.append(
+            f"train/episode_return {values[-1]:.1f} at {at[-1]:,.0f} env steps (best {max(values):.1f})"
+        )
+    steps, values = series(rows, "eval/return")
+    if steps:
+        by_step = {r["step"]: r for r in rows if "eval/return" in r}
+        last = by_step[steps[-1]]
+        std = last.get("eval/return_std")
+        episodes = last.get("eval/episodes")
+        parts.append(
+            f"eval/return {values[-1]:.1f}"
+            + (f" +- {std:.1f}" if isinstance(std, int | float) else "")
+            + (f" over {episodes:.0f} episodes" if isinstance(episodes, int | float) else "")
+            + f" at step {steps[-1]}"
+        )
+    return f"episode return {'; '.join(parts) if parts else 'no episode finished yet'}"
