@@ -135,10 +135,10 @@ def assert_one_wandb_run(run_dir: Path, segments: int, last_step: int) -> None:
     assert steps == sorted(set(steps)) and steps[-1] == last_step, steps
 
 
-def run_local_pair(payloads: list[dict]) -> None:
+def run_local_pair(payloads: list[dict], nprocs: int = 2) -> None:
     """Several runs in turn in one pair of gloo processes (the local launcher's own worker, so a
     matrix costs one process start, not one per run); a failure fails the test with every rank's
-    traceback."""
+    traceback. `nprocs`: the world size of every payload (its cluster.num_workers), 2 by default."""
     import pytest
     import torch.multiprocessing as mp
 
@@ -148,7 +148,7 @@ def run_local_pair(payloads: list[dict]) -> None:
     results = mp.get_context("spawn").SimpleQueue()
     try:
         mp.start_processes(
-            local.worker, args=(2, free_port(), payloads, results), nprocs=2, start_method="spawn"
+            local.worker, args=(nprocs, free_port(), payloads, results), nprocs=nprocs, start_method="spawn"
         )
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         errors = []  # "rank R, run ID:\n<traceback>", unless a rank died without a word
