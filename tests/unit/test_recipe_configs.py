@@ -28,6 +28,8 @@ def overrides_for(path, digits_dir, mnist_dir, run_dir):
     """Where the test keeps the data the config names; a fine-tuning config's pretrained run is
     replaced by a fresh init (tests/faults/test_finetune.py runs the real pretrain -> fine-tune chain)."""
     cfg = config.load(path)
+    if cfg.env.id:  # an environment task (PPO): no shards
+        return [f"run_dir={run_dir}"]
     data = mnist_dir if "mnist" in cfg.data.train else digits_dir
     extra = ["init_from.path=null"] if cfg.init_from.path else []
     if cfg.data.decode:  # the example project's own format: tests/integration/test_example_project.py
