@@ -52,22 +52,58 @@ def _parse_classes(text: str | None) -> list[int] | None:
 @data_app.command("prepare")
 def data_prepare(
     source: str = typer.Argument(
-        ..., help="digits | mnist5k | imagefolder:PATH | npz:PATH | synthetic-images:COUNT[:HxW]"
+        ...,
+        help="digits | mnist5k | imagefolder:PATH | npz:PATH | synthetic-images:COUNT[:HxW] | "
+        "text:PATH (a file, a dir of .txt files, a glob) | text-stdlib",
     ),
     out: Path = typer.Option(..., "--out", help="directory to write shards + MANIFEST.json into"),
     samples_per_shard: int = typer.Option(128, "--samples-per-shard", help="max samples per tar shard"),
     shard_size_mb: float = typer.Option(0.0, "--shard-size-mb", help="target shard size in MB (0: off)"),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="fraction held out (stratified)"),
+    val_fraction: float = typer.Option(
+        None, "--val-fraction", help="fraction held out: stratified (default 0.2); text: its end (0.1)"
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val split"),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="replace --out if it is a dataset `data prepare` wrote (or empty)"
     ),
     classes: str = typer.Option(None, "--classes", help="keep only these labels, e.g. 0-4 or 5,7,9"),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="keep this fraction of train"),
+    seq_len: int = typer.Option(128, "--seq-len", help="text: tokens per window (each sample holds +1)"),
+    vocab: str = typer.Option(
+        "char", "--vocab", help="text: char (the text's characters; UTF-8) | byte (256 values; any file)"
+    ),
 ) -> None:
-    """Write a real dataset as WebDataset tar shards with a MANIFEST (counts + sha256)."""
-    from pipeline.data import shards, sources
+    """Write a real dataset as WebDataset tar shards with a MANIFEST (counts + sha256).
 
+    Text (text:PATH, text-stdlib) becomes token windows for task.name=language_model: a char (or byte)
+    vocabulary in the MANIFEST, train = the first 1 - val_fraction of the text, val = the rest, windows
+    of --seq-len + 1 tokens as .npy samples."""
+    from pipeline.data import shards, sources, text
+
+    if text.is_text_source(source):
+        try:
+            manifest = text.write_text_prepared(
+                text.load_text_source(source),
+                out,
+                seq_len=seq_len,
+                vocab=vocab,
+                samples_per_shard=samples_per_shard,
+                val_fraction=text.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                seed=seed,
+                overwrite=overwrite,
+            )
+        except ConfigError as e:
+            _fail(str(e))
+        for split, info in manifest["splits"].items():
+            typer.echo(
+                f"{split}: {info['tokens']} tokens, {info['samples']} windows in "
+                f"{len(info['shards'])} shard(s)"
+            )
+        typer.echo(
+            f"wrote {out}/MANIFEST.json ({manifest['source']}, {manifest['vocab']} vocabulary of "
+            f"{manifest['num_classes']}, windows of {seq_len} + 1 tokens)"
+        )
+        return
     try:
         src = sources.load_source(source)
         manifest = shards.write_prepared(
@@ -75,7 +111,7 @@ def data_prepare(
             out,
             samples_per_shard=samples_per_shard,
             shard_size_mb=shard_size_mb,
-            val_fraction=val_fraction,
+            val_fraction=0.2 if val_fraction is None else val_fraction,
             seed=seed,
             overwrite=overwrite,
             classes=_parse_classes(classes),
@@ -509,6 +545,35 @@ def export_cmd(
     if meta.get("policy", {}).get("file"):
         typer.echo(f"policy: {out.with_name(meta['policy']['file'])} ({meta['policy']['load']})")
     typer.echo(json.dumps(meta["model"]))
+
+
+@app.command("generate")
+def generate_cmd(
+    target: Path = typer.Argument(
+        ..., help="a language model's run dir (its newest checkpoint) or checkpoint"
+    ),
+    prompt: str = typer.Option(
+        ..., "--prompt", help="the text to continue (characters of the training text)"
+    ),
+    tokens: int = typer.Option(200, "--tokens", help="how many tokens (characters, or bytes) to generate"),
+    temperature: float = typer.Option(
+        None, "--temperature", help="softmax temperature, 0: always the likeliest (default: the run's)"
+    ),
+    top_k: int = typer.Option(
+        None, "--top-k", help="sample among the k likeliest, 0: all (default: the run's)"
+    ),
+    seed: int = typer.Option(0, "--seed", help="the sampling seed: the same seed gives the same text"),
+) -> None:
+    """Print the prompt and its generated continuation from a language model's checkpoint
+    (task.name=language_model), in one process without DeepSpeed (fp32): no shards needed, the
+    checkpoint holds the vocabulary. Deterministic for a given checkpoint, arguments and --seed."""
+    from pipeline import api
+
+    try:
+        result = api.generate(target, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(result["prompt"] + result["continuation"])
 
 
 @app.command("report")

@@ -206,6 +206,31 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, engine: str = 
     return export_mod.export(ckpt, Path(out), engine)
 
 
+def generate(
+    target: str | os.PathLike,
+    prompt: str,
+    *,
+    tokens: int = 200,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`pipeline generate`: a language model's continuation of `prompt` from a checkpoint (or a run
+    dir's newest), without DeepSpeed, in fp32; the same for the same checkpoint, arguments and seed.
+    temperature/top_k default to the run's task.args. {"continuation", "checkpoint", "step", ...}."""
+    from pipeline.training.evaluator import find_checkpoint
+    from pipeline.training.sampling import generate_from_checkpoint
+
+    return generate_from_checkpoint(
+        find_checkpoint(Path(target)),
+        prompt=prompt,
+        tokens=tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+    )
+
+
 # --- reading a run dir -------------------------------------------------------------------------------
 
 

@@ -255,8 +255,8 @@ class InitFromConfig(Section):
 class TaskConfig(Section):
     name: str = Field(
         "classify",
-        description="classify | next_step | autoencoder | vae | gan, or your pipeline.Task subclass: "
-        "'package.module:Class' or 'path/to/file.py:Class'",
+        description="classify | next_step | autoencoder | vae | gan | ppo | language_model, or your "
+        "pipeline.Task subclass: 'package.module:Class' or 'path/to/file.py:Class'",
     )
     args: dict[str, Any] = Field(
         default_factory=dict, description="the task's constructor keyword arguments (see pipeline/tasks/)"

@@ -76,7 +76,10 @@ def plot(rows: list[dict[str, Any]], title: str, out: Path) -> Path:
 
     keys = {k for r in rows for k, v in r.items() if isinstance(v, int | float)}
     rl = is_rl(rows)
-    shown_apart = {"eval/samples"} | ({"eval/return", "eval/return_std", "eval/episodes"} if rl else set())
+    # perplexity is exp(eval/loss): on the loss's axis it would flatten the bpc and loss curves
+    shown_apart = {"eval/samples", "eval/perplexity"} | (
+        {"eval/return", "eval/return_std", "eval/episodes"} if rl else set()
+    )
     panels = [
         ("training loss", sorted(k for k in keys if k.startswith("train/") and k.endswith("loss"))),
         ("eval", sorted(k for k in keys if k.startswith("eval/") and k not in shown_apart)),

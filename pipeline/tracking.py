@@ -477,6 +477,20 @@ class Tracker:
             return
         self.metrics.write({"step": step, "time": time.time(), key: str(path)})
 
+    def text(self, step: int, key: str, path: Path, rows: list[tuple[str, str]]) -> None:
+        """Generated text at `step`: a W&B table (step, prompt, continuation); in metrics.jsonl, the
+        path of the file that holds it."""
+        if self._wandb is not None and step > self.wandb_until:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "continuation"])
+            for prompt, continuation in rows:
+                table.add_data(step, prompt, continuation)
+            self._wandb.log({key: table}, step=step)
+        if step <= self.replayed_until:
+            return
+        self.metrics.write({"step": step, "time": time.time(), key: str(path)})
+
     def location(self) -> str:
         """Where this run's dashboard is: the W&B URL, the offline dir to sync, or "disabled"."""
         if self._wandb is None:
@@ -549,6 +563,9 @@ class NullTracker:
         pass
 
     def image(self, step: int, key: str, path: Path) -> None:
+        pass
+
+    def text(self, step: int, key: str, path: Path, rows: list[tuple[str, str]]) -> None:
         pass
 
     def location(self) -> str:

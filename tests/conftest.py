@@ -34,6 +34,28 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def stdlib_text(characters: int) -> str:
+    """The first `characters` of the real English text `pipeline data prepare text-stdlib` reads."""
+    from pipeline.data import text
+
+    return text.load_text_source(text.TEXT_STDLIB).data.decode("utf-8")[:characters]
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24,000 characters of the stdlib's English text as token shards: windows of 32 (+1), 32 per shard
+    (22 train shards, 3 val shards), a char vocabulary."""
+    from pipeline.data import text
+
+    root = tmp_path_factory.mktemp("text")
+    (root / "doc.txt").write_text(stdlib_text(24_000), encoding="utf-8")
+    out = root / "shards"
+    text.write_text_prepared(
+        text.load_text_source(f"text:{root / 'doc.txt'}"), out, seq_len=32, samples_per_shard=32
+    )
+    return out
+
+
 @pytest.fixture
 def corrupt_digits(tmp_path):
     """Digits in 12 shards with one of each kind of damage in shards 0-3; returns (dir, expected bad)."""

@@ -60,5 +60,5 @@ def _encoded_bytes(sample: dict[str, Any]) -> int:
 
 
 def decoded_bytes(sample_shape: list[int], kind: str) -> int:
-    """Bytes of one decoded sample: uint8 pixels for images, float32 values for sequences."""
-    return math.prod(sample_shape) * (1 if kind == "image" else 4)
+    """Bytes of one decoded sample: uint8 pixels for images, int64 tokens, float32 values for sequences."""
+    return math.prod(sample_shape) * {"image": 1, "tokens": 8}.get(kind, 4)

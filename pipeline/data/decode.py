@@ -69,7 +69,7 @@ class Decoder:
         if isinstance(decoded, str):
             raise ValueError(decoded)
         value, label = decoded
-        if self.spec.kind == "sequence":
+        if self.spec.kind in ("sequence", "tokens"):
             return value, label
         if self.augment_cfg is not None and self.augment_cfg.enabled:
             # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
@@ -183,6 +183,8 @@ class Decoder:
     def finish(self, value: Any, target: int | str | None) -> tuple[Any, int]:
         """Shape (images: channels and size as the MANIFEST says) and normalise (npy arrays)."""
         label = self.label(target)
+        if self.spec.kind == "tokens":
+            return token_window(value, self.spec), label
         if self.spec.kind == "image":
             if isinstance(value, torch.Tensor) or not is_image_array(value):
                 raise ValueError(
@@ -200,6 +202,25 @@ class Decoder:
             return torch.from_numpy(np.array(value, dtype=np.float32)), label
         values = torch.from_numpy(np.asarray(value).astype("float32"))
         return (values - self.spec.mean[0]) / self.spec.std[0], label
+
+
+def token_window(value: Any, spec: DataSpec) -> torch.Tensor:
+    """A window of token shards as int64 (N + 1 tokens: the input and its next-token targets), checked
+    against the MANIFEST: shards may come from anyone, and an id outside the vocabulary would index
+    past the model's embedding."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    if value.dtype.kind not in "ui" or value.ndim != 1 or list(value.shape) != list(spec.sample_shape):
+        raise ValueError(
+            f"input is {_describe(value)}, not a window of {spec.sample_shape[0]} integer tokens as the "
+            "MANIFEST says; prepare the text again with `pipeline data prepare text:PATH`"
+        )
+    tokens = value.astype(np.int64)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= spec.num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"token {bad} is outside the vocabulary 0..{spec.num_classes - 1}")
+    return torch.from_numpy(tokens)
 
 
 def _describe(value: Any) -> str:

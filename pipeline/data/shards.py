@@ -36,6 +36,7 @@ from pipeline.data.manifest import (  # re-exported: users of shards.X keep work
 )
 from pipeline.data.sources import Source
 from pipeline.files import fsync_tree, sha256_file
+from pipeline.vocab import Vocab, VocabError
 
 
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -191,16 +192,22 @@ def write_prepared(
             manifest["splits"][split] = {"samples": len(idx), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         fsync_tree(tmp)  # the payload is durable before the rename makes it visible
-        if out.exists():  # check_out: a dataset we wrote, or empty
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old)  # onto the empty temp dir: a name nobody else uses
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished dataset `tmp` into place as `out` (check_out: new, empty, or a dataset
+    `prepare` wrote, which is replaced)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old)  # onto the empty temp dir: a name nobody else uses
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def _count_tar_samples(path: Path) -> int:
@@ -306,6 +313,9 @@ class DataSpec:
     # an environment task's action space (envs.spaces); kind is then "environment" and sample_shape
     # the observation shape
     action_space: dict[str, Any] | None = None
+    # token data (`pipeline data prepare text:`): kind "tokens", "char" | "byte" (vocab.py); classes
+    # are then the symbols, num_classes the vocabulary size, sample_shape [seq_len + 1]
+    vocab: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -538,4 +548,20 @@ def resolve(
         label_type=manifest.get("label_type", "int"),
         decode=manifest.get("decode"),
         indexed=manifest["format"] == FORMAT_INDEXED,
+        vocab=_token_vocab(manifest, train) if kind == "tokens" else None,
     )
+
+
+def _token_vocab(manifest: dict[str, Any], location: str) -> str:
+    """The vocabulary of token shards, checked: a MANIFEST may come from anyone."""
+    try:
+        Vocab.from_manifest(manifest.get("vocab"), manifest["classes"])
+    except VocabError as e:
+        raise DataError(f"config key 'data.train': the {MANIFEST} of {location}: {e}") from None
+    shape = manifest["sample_shape"]
+    if shape is None or len(shape) != 1 or shape[0] < 2:
+        raise DataError(
+            f"config key 'data.train': the {MANIFEST} of {location} declares token windows of shape "
+            f"{shape}, expected [seq_len + 1]; prepare the text again with `pipeline data prepare text:PATH`"
+        )
+    return manifest["vocab"]

@@ -234,5 +234,5 @@ def load_source(spec: str) -> Source:
         return synthetic_images(*arg.split(":", 1))
     raise ConfigError(
         f"unknown data source '{spec}'; use digits | mnist5k | imagefolder:PATH | npz:PATH | "
-        "synthetic-images:COUNT[:HxW]"
+        "synthetic-images:COUNT[:HxW] | text:PATH | text-stdlib"
     )

@@ -23,7 +23,7 @@ from pipeline.checkpoint import commit, store, trust
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_first_sample, check_shard_count, shards_per_rank
-from pipeline.launch import environments
+from pipeline.launch import environments, text
 from pipeline.training import finetune
 
 
@@ -72,10 +72,16 @@ class Plan:
         epochs = ""
         if spec.train_samples:
             epochs = f" (~{cfg.train.max_steps * self.samples_per_step / spec.train_samples:.1f} epochs)"
+        shape = f"input {tuple(spec.sample_shape)}, {spec.num_classes} classes"
+        if spec.kind == "tokens":
+            shape = (
+                f"token windows of {spec.sample_shape[0] - 1} (+1 target), {spec.vocab} vocabulary of "
+                f"{spec.num_classes}"
+            )
         return [
             f"data          {len(spec.train_urls)} train shard(s) ({spec.train_samples or '?'} samples), "
             f"{len(spec.val_urls)} val shard(s) ({spec.val_samples or '?'} samples), "
-            f"input {tuple(spec.sample_shape)}, {spec.num_classes} classes",
+            f"{shape}",
             f"shards/worker {self.shards_per_worker()} "
             f"(each split over {max(1, cfg.data.num_workers)} loader process(es))",
             f"steps         {cfg.train.max_steps} x {self.samples_per_step} samples "
@@ -327,6 +333,7 @@ def shard_spec(cfg: Config, task: Any) -> shards.DataSpec:
         allow_manifest_pipe=cfg.data.allow_manifest_pipe,
     )
     check_shard_count(spec, cfg.cluster.num_workers, cfg.data.num_workers)
+    text.check_token_task(cfg, task, spec)
     check_first_sample(spec, cfg.data)  # a wrong data.fields / data.decode fails here: exit 2
     if task.needs_labels and spec.num_classes == 0:  # found now, not as a cross-entropy error mid-run
         raise ConfigError(
@@ -353,6 +360,8 @@ def make_plan(cfg: Config) -> Plan:
     )
     if is_env:
         environments.check_policy(cfg, model, spec)
+    if spec.kind == "tokens":
+        text.check_language_model(cfg, task, model, spec)
     check_task(cfg, task, model)
     check_best_metric(cfg, task)
     finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2

@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 from pipeline.tasks.base import Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.gan import GanTask
+from pipeline.tasks.language import LanguageModelTask
 from pipeline.tasks.ppo import PpoTask
 from pipeline.tasks.reconstruct import AutoencoderTask, VaeTask
 from pipeline.tasks.sequence import NextStepTask
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[Task]] = {
     "vae": VaeTask,
     "gan": GanTask,
     "ppo": PpoTask,
+    "language_model": LanguageModelTask,
 }
 
 # What a task class must define beyond the base class (the base raises NotImplementedError).

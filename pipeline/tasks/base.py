@@ -38,6 +38,11 @@ which evaluation uses: `env.eval_episodes` episodes of the deterministic policy,
 vector EPISODE_SUMS names, which `eval_metrics` turns into eval/ metrics (the base class's default:
 eval/return, eval/return_std, eval/length). Environment tasks train under ZeRO 0-2: the ranks'
 evaluation episodes end at different times, and ZeRO-3 would need every forward on every rank.
+
+A task that reads text (tasks/language.py) sets `token_inputs = True`: its batches are (N, T + 1)
+int64 token windows of `pipeline data prepare text:` shards (other tasks refuse those shards, it
+refuses others). Its `text_samples(models, vocab=..., rng=..., device=...)` returns (prompt,
+continuation) pairs, which rank 0 writes at every eval to samples/step_X.txt and a W&B table.
 """
 
 from __future__ import annotations
@@ -174,6 +179,9 @@ class Task:
     best_mode = "max"
     needs_labels = True
     source = "shards"  # or "environment": batches come from env.id (see the module docstring)
+    # True: batches are (N, T + 1) int64 token windows of text shards (`pipeline data prepare text:`),
+    # and only such a task trains on them (tasks/language.py)
+    token_inputs = False
     # an environment task's eval vector: what evaluation sums over its episodes
     EPISODE_SUMS = ("episodes", "return", "return_squared", "length")
 
@@ -236,6 +244,14 @@ class Task:
         raise NotImplementedError
 
     def grid(self, models: Mapping[str, Model], fixed_x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def text_samples(
+        self, models: Mapping[str, Model], *, vocab: Any, rng: torch.Generator, device: str
+    ) -> list[tuple[str, str]] | None:
+        """(prompt, generated continuation) pairs a token task shows at each eval (samples/step_X.txt
+        and a W&B table), drawing randomness from `rng` only; `vocab` (pipeline.vocab.Vocab) encodes
+        and decodes text. None: it generates nothing."""
         return None
 
     def sample_images(

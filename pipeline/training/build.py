@@ -209,6 +209,7 @@ def _build(
         device=env.device,
         is_rank0=env.is_rank0,
         log_image=tracker.image,
+        log_text=tracker.text,
     )
     meter = Meter(
         samples_per_micro_batch=samples_per_step(cfg, task, env.world_size),

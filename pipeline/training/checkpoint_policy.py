@@ -206,7 +206,8 @@ def model_metadata(cfg: Config, spec: DataSpec, num_outputs: int) -> dict[str, A
             "action_space": spec.action_space,  # an environment task's (None otherwise)
         },
         "env": cfg.env.model_dump() if spec.action_space else None,
-        "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes},
+        # a token model's vocabulary (classes are its symbols): `pipeline generate` needs no shards
+        "data": {"mean": spec.mean, "std": spec.std, "classes": spec.classes, "vocab": spec.vocab},
         "task": {"name": cfg.task.name, "args": cfg.task.args},
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,

@@ -26,6 +26,7 @@ from pipeline.engine import choose_precision, native_bf16
 from pipeline.tasks.base import Model, Task, forward_only
 from pipeline.training import collectives, experience
 from pipeline.training.state import TrainState
+from pipeline.vocab import Vocab
 
 
 def val_metrics(
@@ -66,14 +67,19 @@ class Evaluator:
         device: str,
         is_rank0: bool,
         log_image: Callable[[int, str, Path], None],
+        log_text: Callable[[int, str, Path, list[tuple[str, str]]], None] | None = None,
     ) -> None:
         self.engines, self.models = engines, forward_only(engines)
         self.task, self.spec, self.device, self.is_rank0 = task, spec, device, is_rank0
         self.data, self.seed, self.cfg = cfg.data, cfg.seed, cfg
         self.episodes = task.source == "environment"  # evaluated by episodes, not val shards
         self.samples_dir = cfg.resolved_run_dir / "samples"
-        self.log_image = log_image
-        self.fixed_x = None if task.needs_labels or self.episodes else fixed_inputs(spec, cfg.data, device)
+        self.log_image, self.log_text = log_image, log_text
+        draws = type(task).grid is not Task.grid  # a task that shows its outputs as an image grid
+        self.fixed_x = fixed_inputs(spec, cfg.data, device) if draws and not self.episodes else None
+        self.vocab = Vocab.from_manifest(spec.vocab, spec.classes) if spec.kind == "tokens" else None
+        # under ZeRO-3 each forward is a collective: every rank generates (the same text), rank 0 writes
+        self.all_ranks_generate = cfg.zero.stage == 3
         self.classifier = (
             load_classifier(cfg.task.score_classifier, device) if cfg.task.score_classifier else None
         )
@@ -102,6 +108,7 @@ class Evaluator:
                     self.models, task=self.task, spec=self.spec, data=self.data, device=self.device
                 )
             self._write_grid(step)
+            self._write_text(step)
             if self.classifier is not None:
                 score = self._classifier_score()
                 if score is not None:
@@ -123,6 +130,19 @@ class Evaluator:
         if images is not None and self.is_rank0:
             path = write_grid(images, self.spec, self.samples_dir / f"step_{step:08d}.png")
             self.log_image(step, "samples/grid", path)
+
+    def _write_text(self, step: int) -> None:
+        """A token task's generated text from its fixed prompts, seeded by the run's seed (the same
+        draws at every eval and after a resume), to samples/step_X.txt and the tracker."""
+        if self.vocab is None or not (self.is_rank0 or self.all_ranks_generate):
+            return
+        rng = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            samples = self.task.text_samples(self.models, vocab=self.vocab, rng=rng, device=self.device)
+        if samples and self.is_rank0:
+            path = write_text_samples(samples, step, self.samples_dir / f"step_{step:08d}.txt")
+            if self.log_text is not None:
+                self.log_text(step, "samples/text", path, samples)
 
     @torch.no_grad()
     def _classifier_score(self) -> float | None:
@@ -155,6 +175,18 @@ def fixed_inputs(spec: DataSpec, data: DataConfig, device: str, count: int = 8) 
     with torch.random.fork_rng(devices=[]):
         batch = next(eval_batches(spec, data, rank=0, world_size=1))
     return normalize(batch.x[:count].to(device), spec.mean, spec.std)
+
+
+def write_text_samples(samples: list[tuple[str, str]], step: int, path: Path) -> Path:
+    """Generated text as a file a person reads: each prompt, then its continuation."""
+    parts = [f"# step {step}: {len(samples)} prompt(s), each followed by its generated continuation\n"]
+    for prompt, continuation in samples:
+        parts.append(f"\n=== prompt {prompt!r}\n{prompt}{continuation}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(parts), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def write_grid(images: torch.Tensor, spec: DataSpec, path: Path, columns: int = 8) -> Path:
