@@ -404,7 +404,8 @@ def bench_cmd(
         None,
         "--recipes",
         help="overhead: of cnn,resnet18,lstm,dcgan; recipes: of cnn,resnet18,lstm-rows,gru-rows,"
-        "lstm-next-row,autoencoder,vae,dcgan; rl: of cartpole,acrobot (default: all)",
+        "lstm-next-row,autoencoder,vae,dcgan,lstm-lm-text,gru-lm-text; rl: of cartpole,acrobot "
+        "(default: all)",
     ),
     stages: str = typer.Option("0,2", "--stages", help="overhead: which ZeRO stages, e.g. 0,1,2"),
     repeats: int = typer.Option(
@@ -431,7 +432,7 @@ def bench_cmd(
     loader      our stream against a raw tar read, and its decode rate against the cores' own
     checkpoint  checkpoint commit MB/s against dd, and the loop time lost per save
     gpu         ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)
-    recipes     does each recipe learn on MNIST-5k: its eval metric against its goal, wall time
+    recipes     does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time
     rl          PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve
 
     overhead compares with a DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch

@@ -17,7 +17,7 @@ BENCHMARKS = {
     "loader": "our stream against a raw tar read, and its decode rate against the cores' own",
     "checkpoint": "checkpoint commit MB/s against dd, and the loop time lost per save",
     "gpu": "ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)",
-    "recipes": "does each recipe learn on MNIST-5k: its eval metric against its goal, wall time",
+    "recipes": "does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time",
     "rl": "PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve",
 }
 # The checkout this package runs from, when it does: the recipes' configs/ live there, not in the package.

@@ -24,13 +24,13 @@ def mnist_dir(tmp_path_factory):
     return out
 
 
-def overrides_for(path, digits_dir, mnist_dir, run_dir):
+def overrides_for(path, digits_dir, mnist_dir, run_dir, text_dir):
     """Where the test keeps the data the config names; a fine-tuning config's pretrained run is
     replaced by a fresh init (tests/faults/test_finetune.py runs the real pretrain -> fine-tune chain)."""
     cfg = config.load(path)
     if cfg.env.id:  # an environment task (PPO): no shards
         return [f"run_dir={run_dir}"]
-    data = mnist_dir if "mnist" in cfg.data.train else digits_dir
+    data = mnist_dir if "mnist" in cfg.data.train else text_dir if "text" in cfg.data.train else digits_dir
     extra = ["init_from.path=null"] if cfg.init_from.path else []
     if cfg.data.decode:  # the example project's own format: tests/integration/test_example_project.py
         extra.append("data.decode=null")
@@ -58,11 +58,13 @@ def test_there_is_a_config_per_recipe():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_validates_and_starts_with_a_comment_naming_its_command(path, digits_dir, mnist_dir, tmp_path):
+def test_config_validates_and_starts_with_a_comment_naming_its_command(
+    path, digits_dir, mnist_dir, text_dir, tmp_path
+):
     text = path.read_text()
     assert text.startswith("# "), f"{path.name} must start with a comment saying what it is"
     assert f"pipeline train configs/{path.name}" in text, f"{path.name}'s header must give the exact command"
-    cfg = config.load(path, overrides_for(path, digits_dir, mnist_dir, tmp_path / "r"))
+    cfg = config.load(path, overrides_for(path, digits_dir, mnist_dir, tmp_path / "r", text_dir))
     task = tasks.build(cfg.task.name, cfg.task.args)
     plan = make_plan(cfg)  # builds the model on the data's shape, checks the task fits it
     assert plan.params_trainable > 0
@@ -70,11 +72,11 @@ def test_config_validates_and_starts_with_a_comment_naming_its_command(path, dig
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_dry_run(path, digits_dir, mnist_dir, tmp_path):
+def test_dry_run(path, digits_dir, mnist_dir, text_dir, tmp_path):
     proc = run_cli(
         "train",
         str(path),
-        *overrides_for(path, digits_dir, mnist_dir, tmp_path / "run"),
+        *overrides_for(path, digits_dir, mnist_dir, tmp_path / "run", text_dir),
         "--dry-run",
         timeout_s=120,
     )
