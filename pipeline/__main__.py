@@ -222,7 +222,14 @@ def data_inspect(
             else f"fields: input {fields.get('input')}, target {fields.get('target')}"
         )
         typer.echo(f"keys: {', '.join(manifest.get('keys', []))}")
-    typer.echo(f"classes ({manifest['num_classes']}): {', '.join(manifest['classes'])}")
+    if manifest.get("kind") == "tokens":  # the symbols as one quoted string: they include \n and spaces
+        symbols = f": {''.join(manifest['classes'])!r}" if manifest.get("vocab") == "char" else ""
+        typer.echo(
+            f"vocabulary {manifest.get('vocab')} ({manifest['num_classes']} tokens){symbols}; windows of "
+            f"{manifest.get('seq_len')} + 1 tokens"
+        )
+    else:
+        typer.echo(f"classes ({manifest['num_classes']}): {', '.join(manifest['classes'])}")
     for split, info in manifest["splits"].items():
         total = sum(s["bytes"] for s in info["shards"])
         typer.echo(
