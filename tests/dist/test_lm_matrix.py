@@ -1,10 +1,12 @@
 """The language-model recipes (configs/lstm-lm-text.yaml, configs/gru-lm-text.yaml, made tiny) on token
 shards under ZeRO 0-3 x fp32/bf16 with 2 workers: finite losses, eval metrics, generated samples
 written, every parameter changed, and tied embedding/output weights still one matrix in the
-checkpoint. The 8 runs share one start of the local launcher's pair of gloo processes."""
+checkpoint. The 8 runs share one start of the local launcher's pair of gloo processes; the first also
+logs to an offline W&B run, whose generated-text tables are read back."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from pipeline import config, models, tasks
 from pipeline.checkpoint import commit, export
 from pipeline.launch.plan import make_plan, worker_payload
-from tests.helpers import read_jsonl, run_local_pair
+from tests.helpers import read_jsonl, read_wandb, run_local_pair
 
 pytestmark = pytest.mark.dist
 
@@ -30,7 +32,8 @@ def initial_weights(cfg, spec):
 
 
 @pytest.mark.timeout(400)
-def test_language_models_train_under_every_zero_stage_and_precision(text_dir, tmp_path):
+def test_language_models_train_under_every_zero_stage_and_precision(text_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the first run's offline W&B
     plans = {}
     for stage in (0, 1, 2, 3):
         for precision in ("fp32", "bf16"):
@@ -53,9 +56,9 @@ def test_language_models_train_under_every_zero_stage_and_precision(text_dir, tm
                     f"train.max_steps={STEPS}",
                     "optim.warmup_steps=1",
                     "train.log_every=1",
-                    "train.eval_every=0",
+                    f"train.eval_every={STEPS // 2}",
                     "checkpoint.every=0",
-                    "tracking.wandb.mode=disabled",
+                    f"tracking.wandb.mode={'offline' if not plans else 'disabled'}",
                 ],
             )
             plans[name] = make_plan(cfg)
@@ -65,7 +68,7 @@ def test_language_models_train_under_every_zero_stage_and_precision(text_dir, tm
         rows = read_jsonl(tmp_path / name / "metrics.jsonl")
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
         assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), (name, losses)
-        (final,) = [r for r in rows if "eval/bpc" in r]
+        final = [r for r in rows if "eval/bpc" in r][-1]
         assert math.isfinite(final["eval/bpc"]) and final["eval/perplexity"] > 1, name
         assert final["eval/bpc"] == pytest.approx(final["eval/loss"] / math.log(2)), name
         samples = (tmp_path / name / "samples" / f"step_{STEPS:08d}.txt").read_text()
@@ -79,3 +82,19 @@ def test_language_models_train_under_every_zero_stage_and_precision(text_dir, tm
         assert not unchanged, f"{name}: unchanged {unchanged}"
         if plan.cfg.model.args["tie_weights"]:
             assert torch.equal(after["embedding.weight"], after["head.1.weight"]), name
+    assert_text_tables(tmp_path / next(iter(plans)))
+
+
+def assert_text_tables(run_dir):
+    """The W&B table of each eval (step, prompt, continuation) holds what samples/step_X.txt holds."""
+    (segment,) = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows = [r for r in read_wandb(segment)["history"] if "samples/text/_type" in r]
+    assert [r["_step"] for r in rows] == [STEPS // 2, STEPS]
+    for row in rows:
+        assert row["samples/text/_type"] == "table-file"
+        table = json.loads((segment.parent / "files" / row["samples/text/path"]).read_text())
+        assert table["columns"] == ["step", "prompt", "continuation"]
+        written = (run_dir / "samples" / f"step_{row['_step']:08d}.txt").read_text()
+        assert [r[1] for r in table["data"]] == ["The ", "If the ", "A class "]
+        assert all(r[0] == row["_step"] and f"{r[1]}{r[2]}\n" in written for r in table["data"])
+        assert all(len(r[2]) == 12 for r in table["data"])

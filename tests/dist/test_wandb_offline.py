@@ -155,34 +155,3 @@ def test_wandb_mode_disabled_in_the_environment_wins_over_the_config(digits_dir,
     train(digits_dir, run_dir, 2, "model.args.channels=[8,16]")  # the config says offline
     assert not (run_dir / "wandb").exists()
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in m] == [2]
-
-
-@pytest.mark.timeout(300)
-def test_a_language_model_logs_its_generated_text_as_a_table_per_eval(text_dir, tmp_path, monkeypatch):
-    import json
-
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    run_dir = tmp_path / "lm"
-    cfg = config.load(
-        "configs/lstm-lm-text.yaml",
-        [
-            *COMMON,
-            f"data.train={text_dir}",
-            f"run_dir={run_dir}",
-            "train.max_steps=4",
-            "data.batch_size=8",
-            "model.args={embedding_dim: 16, hidden_size: 16, output: sequence}",
-            "task.args.sample_tokens=16",
-        ],
-    )
-    launch.train(make_plan(cfg))
-    (segment,) = segments(run_dir)
-    rows = [r for r in read_wandb(segment)["history"] if "samples/text/_type" in r]
-    assert [r["_step"] for r in rows] == [2, 4] and all(r["samples/text/_type"] == "table-file" for r in rows)
-    for row in rows:  # the table W&B stores holds the prompts and continuations of the samples file
-        table = json.loads((segment.parent / "files" / row["samples/text/path"]).read_text())
-        assert table["columns"] == ["step", "prompt", "continuation"]
-        written = (run_dir / "samples" / f"step_{row['_step']:08d}.txt").read_text()
-        assert [r[1] for r in table["data"]] == ["The ", "If the ", "A class "]
-        assert all(r[0] == row["_step"] and f"{r[1]}{r[2]}\n" in written for r in table["data"])
-        assert all(len(r[2]) == 16 for r in table["data"])

@@ -119,7 +119,5 @@ def test_generate_prints_the_same_continuation_for_the_same_seed_without_deepspe
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == again.stdout and first.stdout != other.stdout
     assert first.stdout.startswith("The ") and len(first.stdout) == len("The ") + 60 + 1  # + newline
-    greedy = generate("--temperature", "0", "--seed", "9")  # the likeliest: the seed plays no part
-    assert greedy.stdout == generate("--temperature", "0", "--seed", "1").stdout
     unknown = generate("--prompt", "Zürich ¶")  # the last --prompt wins
     assert unknown.returncode == 2 and "not in the vocabulary" in unknown.stderr
