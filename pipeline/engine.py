@@ -7,10 +7,12 @@ Multi-model tasks (GANs) build several, each from its own slices.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,6 +448,21 @@ def _writer_checkpoint_engine(writer: Any) -> Any:
     return WriterCheckpointEngine()
 
 
+def op_cache_dir() -> Path:
+    """Where this Python environment's JIT-built DeepSpeed ops live: one directory per environment.
+    torch's default (~/.cache/torch_extensions/py311_cpu/<op>) is shared by every venv of a user, and
+    an op's build flags name the venv's include paths, so two checkouts on one machine rebuild
+    deepspeed_shm_comm (60-160 s on 2 cores) each time the other one ran last."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    prefix = os.path.realpath(sys.prefix)
+    return base / f"env-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}"
+
+
+def use_environment_op_cache() -> None:
+    """Point torch's extension builds at op_cache_dir(), unless the user set TORCH_EXTENSIONS_DIR."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(op_cache_dir()))
+
+
 def build_engine(
     name: str,
     model: nn.Module,
@@ -466,6 +483,7 @@ def build_engine(
     `load_universal`: the checkpoint to load next is a DeepSpeed universal checkpoint (world-size change)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_environment_op_cache()
     import deepspeed  # heavy: imported where it is used
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
