@@ -401,7 +401,8 @@ def submit_ray(
 @app.command("bench")
 def bench_cmd(
     names: list[str] = typer.Argument(
-        ..., help="overhead, startup, loader, checkpoint, gpu, recipes, rl (what each measures: above)"
+        ...,
+        help="overhead, startup, loader, checkpoint, gpu, recipes, rl, memory (what each measures: above)",
     ),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON to this file"),
     data: Path = typer.Option(
@@ -441,6 +442,7 @@ def bench_cmd(
     gpu         ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)
     recipes     does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time
     rl          PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve
+    memory      ResNet-50 at 224 px with and without activation checkpointing: peak memory, s/step
 
     overhead compares with a DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch
     and precision, after a warm-up that covers the first epoch; startup warms the op cache first;
@@ -484,6 +486,8 @@ def bench_cmd(
                 table = bench.run(data / "mnist5k", images, batch, loader_workers, echo=typer.echo)
             elif name == "rl":
                 table = bench.run(picked[name], runs, repeats, launcher, echo=typer.echo)
+            elif name == "memory":
+                table = bench.run(echo=typer.echo)
             else:
                 table = bench.run(picked[name], data / "mnist5k", runs, launcher, echo=typer.echo)
             typer.echo(format_table(f"--- {name}", table))

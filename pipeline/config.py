@@ -134,6 +134,11 @@ class ModelConfig(Section):
         "or 'path/to/file.py:Class'",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="constructor arguments of the model")
+    activation_checkpointing: bool | list[str] = Field(
+        False,
+        description="recompute activations in backward: true (the model's own blocks: ResNet residual "
+        "blocks, LSTM/GRU layers) or module-name patterns such as ['encoder.*']; less memory, more compute",
+    )
 
 
 class OptimConfig(Section):

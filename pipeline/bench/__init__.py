@@ -19,6 +19,7 @@ BENCHMARKS = {
     "gpu": "ResNet-50 img/s and MFU in memory and through the pipeline, the LSTM recipe (needs CUDA)",
     "recipes": "does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time",
     "rl": "PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve",
+    "memory": "ResNet-50 at 224 px with and without activation checkpointing: peak memory, s/step",
 }
 # The checkout this package runs from, when it does: the recipes' configs/ live there, not in the package.
 REPO = Path(__file__).resolve().parents[2]

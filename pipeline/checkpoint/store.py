@@ -168,6 +168,9 @@ DEFINING_KEYS = (
     "init_from.adapt_input_channels",
     "init_from.freeze_batchnorm",
 )
+# keys under DEFINING_KEYS that change how a step is computed, not what: the same losses with or
+# without, so a run may turn them on when it resumes (e.g. to fit in memory on other hardware)
+HOW_NOT_WHAT = ("model.activation_checkpointing",)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -186,7 +189,9 @@ def training_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     stored in every MANIFEST as `training_config`, compared when a run resumes."""
     flat = _flatten(config_dict)
     return {
-        k: v for k, v in sorted(flat.items()) if any(k == d or k.startswith(f"{d}.") for d in DEFINING_KEYS)
+        k: v
+        for k, v in sorted(flat.items())
+        if any(k == d or k.startswith(f"{d}.") for d in DEFINING_KEYS) and k not in HOW_NOT_WHAT
     }
 
 

@@ -11,7 +11,7 @@ import site
 import sys
 import sysconfig
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import shards
 from pipeline.data.stream import check_first_sample, check_shard_count, shards_per_rank
 from pipeline.launch import environments, text
-from pipeline.training import finetune
+from pipeline.training import activations, finetune
 
 
 class TrainingFailed(RuntimeError):
@@ -42,6 +42,7 @@ class Plan:
     params_frozen: int
     resume_from: Path | None = None
     resume_target: store.ResumeTarget | None = None  # resume=PATH: what it rolls back (set aside at start)
+    checkpointed_blocks: list[str] = field(default_factory=list)  # model.activation_checkpointing
 
     @property
     def world_size(self) -> int:
@@ -88,6 +89,13 @@ class Plan:
             f"({cfg.data.batch_size}/worker x {cfg.train.grad_accum} accum x {self.world_size}){epochs}",
         ]
 
+    def _checkpointing(self) -> str:
+        blocks = self.checkpointed_blocks
+        if not blocks:
+            return ""
+        shown = ", ".join(blocks[:4]) + (f" ... ({len(blocks)} in all)" if len(blocks) > 4 else "")
+        return f"; activation checkpointing: {shown}"
+
     def describe(self) -> str:
         cfg = self.cfg
         lines = [
@@ -96,7 +104,7 @@ class Plan:
             f"{cfg.cluster.cpus_per_worker} CPU{', GPU' if cfg.cluster.use_gpu else ''}"
             f"{', cluster ' + cfg.cluster.address if cfg.cluster.address else ''}",
             f"model         {cfg.model.name} {cfg.model.args or ''}: {self.params_trainable:,} trainable, "
-            f"{self.params_frozen:,} frozen parameters",
+            f"{self.params_frozen:,} frozen parameters{self._checkpointing()}",
             f"task          {cfg.task.name} {cfg.task.args or ''}"
             + "".join(f"; {engine}: {keys}" for engine, keys in cfg.task.optim.items()),
             f"precision     {cfg.precision}{AUTO_NOTE if cfg.precision == 'auto' else ''}"
@@ -363,6 +371,7 @@ def make_plan(cfg: Config) -> Plan:
     if spec.kind == "tokens":
         text.check_language_model(cfg, task, model, spec)
     check_task(cfg, task, model)
+    checkpointed = activations.blocks(model, cfg.model.activation_checkpointing)  # patterns: exit 2
     check_best_metric(cfg, task)
     finetune.apply_init(model, cfg.init_from)  # a file that does not fit is a usage error: exit 2
     finetune.freeze(model, cfg.init_from)
@@ -375,6 +384,7 @@ def make_plan(cfg: Config) -> Plan:
         params_frozen=frozen,
         resume_from=resume_from,
         resume_target=target,
+        checkpointed_blocks=checkpointed,
     )
 
 

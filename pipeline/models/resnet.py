@@ -83,6 +83,9 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Subclasses fix `block` and `stage_depths`; the constructor arguments are the user's model.args."""
 
+    # what `model.activation_checkpointing: true` recomputes: every residual block of every stage
+    CHECKPOINT_BLOCKS = ("layer*.*",)
+
     block: type[BasicBlock | Bottleneck]
     stage_depths: tuple[int, int, int, int]
 

@@ -43,6 +43,8 @@ def feature_size(input_shape: tuple[int, ...]) -> int:
 
 
 class RecurrentNet(nn.Module):
+    CHECKPOINT_BLOCKS = ("rnn",)  # `model.activation_checkpointing: true`: the stacked recurrent layers
+
     def __init__(
         self,
         input_shape: tuple[int, ...],

@@ -28,7 +28,7 @@ from pipeline.data.stream import Batch, TrainBatches
 from pipeline.engine import Engine, build_engine, choose_precision, forced_bf16_warning, native_bf16
 from pipeline.tasks.base import Task
 from pipeline.tracking import JsonlWriter, make_tracker
-from pipeline.training import collectives, experience, finetune, resume, telemetry
+from pipeline.training import activations, collectives, experience, finetune, resume, telemetry
 from pipeline.training.agreement import Agreement
 from pipeline.training.checkpoint_policy import CheckpointPolicy, weights_checksum
 from pipeline.training.evaluator import Evaluator
@@ -291,6 +291,7 @@ def build_engines(
         task.num_outputs(spec.num_classes),
         action_space=spec.action_space,
     )
+    activations.apply(model, cfg.model.activation_checkpointing)  # validated by the plan
     init: dict[str, Any] = {}
     if not resume_from:  # a resumed fine-tuning run gets its weights from its own checkpoint
         init = finetune.apply_init(model, cfg.init_from)

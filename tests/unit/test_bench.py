@@ -124,3 +124,15 @@ def test_find_config_names_the_recipe_outside_a_checkout(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "smoke.yaml").write_text("name: smoke\n")
     assert bench.find_config("smoke") == tmp_path / "configs" / "smoke.yaml"
+
+
+def test_bench_memory_measures_activation_checkpointing_in_fresh_processes():
+    from pipeline.bench import memory
+
+    rows = memory.run("resnet18", side=64, batch=4, steps=1, echo=lambda _: None)
+    by_name = {r["name"]: r for r in rows}
+    peak = by_name["memory resnet18 activation checkpointing"]  # the row name issue 19 keeps
+    assert peak["unit"] == "MiB" and peak["baseline"] > peak["value"] > 0  # less at peak with it on
+    activation = by_name["memory resnet18 activation checkpointing: activation memory (goal ratio <= 0.7)"]
+    assert 0 < activation["ratio"] < 1  # the checkpointed blocks' activations are not kept
+    assert by_name["memory resnet18 activation checkpointing: blocks checkpointed"]["value"] == 8
