@@ -16,7 +16,7 @@ import torch
 from pipeline import models, tasks
 from pipeline.checkpoint import commit, export
 from pipeline.config import ConfigError
-from pipeline.tasks.language import generate
+from pipeline.tasks.base import forward_only
 from pipeline.vocab import Vocab, VocabError
 
 
@@ -43,9 +43,9 @@ def generate_from_checkpoint(
     except VocabError as e:
         raise ConfigError(f"{ckpt}: its MANIFEST's vocabulary: {e}") from None
     task_meta = manifest.get("task") or {}
-    task = tasks.build(task_meta.get("name", "language_model"), task_meta.get("args") or {})
-    temperature = getattr(task, "temperature", 0.8) if temperature is None else temperature
-    top_k = getattr(task, "top_k", 0) if top_k is None else top_k
+    name, args = task_meta.get("name", "language_model"), task_meta.get("args") or {}
+    temperature = args.get("temperature", 0.8) if temperature is None else temperature
+    top_k = args.get("top_k", 0) if top_k is None else top_k
     if tokens < 1 or temperature < 0 or top_k < 0:
         raise ConfigError("--tokens must be >= 1, --temperature >= 0 and --top-k >= 0")
     if not prompt:
@@ -62,10 +62,14 @@ def generate_from_checkpoint(
         state_dict = export.consolidated_state_dict(ckpt, "model")  # verified first
     model.load_state_dict(state_dict, strict=True)
     model.eval()
+    # the run's task generates, through the Task protocol (text_samples), this prompt with these settings
+    settings = {"prompts": [prompt], "sample_tokens": tokens, "temperature": temperature, "top_k": top_k}
+    task = tasks.build(name, {**args, **settings})
     rng = torch.Generator().manual_seed(seed)
-    continuation = generate(
-        model, vocab, prompt, tokens=tokens, temperature=temperature, top_k=top_k, rng=rng
-    )
+    samples = task.text_samples(forward_only({"model": model}), vocab=vocab, rng=rng, device="cpu")
+    if not samples:
+        raise ConfigError(f"task '{name}' of {ckpt} generates no text (it defines no text_samples)")
+    ((_, continuation),) = samples
     return {
         "checkpoint": str(ckpt),
         "step": manifest["step"],
