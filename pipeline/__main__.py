@@ -256,7 +256,9 @@ def train(
     """Train: validate everything, then run the workers (Ray by default) to train.max_steps.
 
     Recipes (configs/): cnn, resnet18, lstm/gru over image rows, next-step prediction, (denoising)
-    autoencoder, VAE and DCGAN (two engines): model.name + task.name, under any zero.stage.
+    autoencoder, VAE and DCGAN (two engines): model.name + task.name, under any zero.stage;
+    character-level LSTM/GRU language models on text shards (task.name=language_model; then
+    `pipeline generate RUN --prompt TEXT`); PPO on Gymnasium environments (task.name=ppo, env.id).
     Your own code by import path ('package.module:Name' or 'path/to/file.py:Name'): model.name (an
     nn.Module), task.name (a pipeline.Task), data.decode (sample -> (input, target)); your own shards
     after `pipeline data index`. The same from Python: pipeline.train(config, **overrides).
