@@ -137,7 +137,8 @@ def run(
             rows.append(
                 row(f"{recipe}: eval/perplexity last eval", evals(run_dir, "eval/perplexity")[-1], "ppl")
             )
-            echo(f"{recipe}: generated at the last eval ({sorted((run_dir / 'samples').glob('*.txt'))[-1]}):")
-            echo(sorted((run_dir / "samples").glob("*.txt"))[-1].read_text())
+            last_text = sorted((run_dir / "samples").glob("*.txt"))[-1]
+            echo(f"{recipe}: generated at the last eval ({last_text}):")
+            echo(last_text.read_text())
         rows.append(row(f"{recipe}: wall time", wall_s, "s"))
     return rows

@@ -170,7 +170,7 @@ def write_text_prepared(
             f"--val-fraction must be in (0, 1) for text (a val split is needed), not {val_fraction}"
         )
     if vocab == "byte":
-        symbols, tokens = Vocab.bytes(), None
+        symbols = Vocab.bytes()
         tokens = symbols.encode(source.data)
     else:
         text = _as_text(source)
