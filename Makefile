@@ -7,7 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/pip
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# --durations: the slowest tests in the CI log (the suite has a time budget, see README's Tests)
+PYTEST_ARGS ?= --durations=40
 
 .PHONY: install smoke test lint format clean
 

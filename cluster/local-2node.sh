@@ -10,9 +10,13 @@
 #   cluster/local-2node.sh status
 #
 # Each node is `ray start --block` in the background in its own process group, so stopping it by
-# that group stops exactly that node (`ray stop` would end every Ray process on the machine). Token authentication is on (Ray's default
-# for `ray start`): clients set RAY_AUTH_MODE=token and read ~/.ray/auth_token.
-# Settings (environment): PIPELINE_RAY_STATE (PIDs and logs; default /tmp/pipeline-ray-2node),
+# that group stops exactly that node (`ray stop` would end every Ray process on the machine).
+# Token authentication is on, with the cluster's own token in a 0600 file of the 0700 state dir (Ray 2.60's
+# `ray start` makes none, and ~/.ray/auth_token would be written 0644): clients
+#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$PIPELINE_RAY_STATE/auth_token
+# (`pipeline submit ray` turns RAY_AUTH_MODE on by itself when RAY_AUTH_TOKEN_PATH is set).
+# Settings (environment): PIPELINE_RAY_STATE (PIDs, logs, token; default /tmp/pipeline-ray-2node),
+# RAY_AUTH_TOKEN_PATH (a token file of your own instead; made if missing),
 # RAY_HEAD_PORT (6390), RAY_DASHBOARD_PORT (8265), CPUS_PER_NODE (1), RAY (the ray CLI; default: the
 # one beside this checkout's .venv python, else the one on PATH).
 set -euo pipefail
@@ -24,24 +28,28 @@ WORKER_IP=127.0.0.3
 HEAD_PORT=${RAY_HEAD_PORT:-6390}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 CPUS=${CPUS_PER_NODE:-1}
+WORKER_TEMP=/tmp/ray-$WORKER_IP-$HEAD_PORT # short: Ray's socket paths under it have a length limit
 if [[ -z ${RAY:-} ]]; then
     if [[ -x $HERE/.venv/bin/ray ]]; then RAY=$HERE/.venv/bin/ray; else RAY=$(command -v ray); fi
 fi
 # Jobs submitted to the cluster run `python -m pipeline ...`: the python beside this ray CLI.
 export PATH="$(dirname "$RAY"):$PATH"
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 GLOO_SOCKET_IFNAME=lo
+export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$STATE/auth_token}
+unset RAY_AUTH_TOKEN # it would win over the token file
 mkdir -p "$STATE"
+chmod 700 "$STATE"
 
 alive() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
 stop_node() {
     # Each node runs in its own process group (setsid below): SIGTERM to the group, then SIGKILL to
-    # whatever is left after 30 s (Ray's agents outlive a raylet that died first).
+    # whatever is left after 10 s (Ray's agents outlive a raylet that died first).
     if [[ -f $STATE/$1.pid ]]; then
         local pid
         pid=$(cat "$STATE/$1.pid")
         kill -TERM -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 60); do
+        for _ in $(seq 20); do
             pgrep -g "$pid" >/dev/null || break
             sleep 0.5
         done
@@ -67,8 +75,14 @@ wait_for_nodes() {
     exit 1
 }
 
+make_token() {
+    [[ -s $RAY_AUTH_TOKEN_PATH ]] && return
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$RAY_AUTH_TOKEN_PATH") # 256 random bits, hex
+}
+
 start_head() {
     alive head && return
+    make_token
     setsid "$RAY" start --head --block --node-ip-address=$HEAD_IP --port="$HEAD_PORT" --num-cpus="$CPUS" \
         --dashboard-host=$HEAD_IP --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
         >"$STATE/head.log" 2>&1 &
@@ -78,8 +92,10 @@ start_head() {
 
 start_worker() {
     alive worker && return
+    # its own temp dir, as a second machine has: in the head's, the two nodes' runtime-env agents would
+    # unpack, and delete, the same job's working dir under each other
     setsid "$RAY" start --block --address=$HEAD_IP:"$HEAD_PORT" --node-ip-address=$WORKER_IP --num-cpus="$CPUS" \
-        >>"$STATE/worker.log" 2>&1 &
+        --temp-dir="$WORKER_TEMP" >>"$STATE/worker.log" 2>&1 &
     echo $! >"$STATE/worker.pid"
 }
 
@@ -88,7 +104,7 @@ start)
     start_head
     start_worker
     wait_for_nodes 2
-    echo "2-node Ray cluster up: head $HEAD_IP:$HEAD_PORT, worker $WORKER_IP; dashboard / job API http://$HEAD_IP:$DASHBOARD_PORT"
+    echo "2-node Ray cluster up: head $HEAD_IP:$HEAD_PORT, worker $WORKER_IP; dashboard / job API http://$HEAD_IP:$DASHBOARD_PORT; token: RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
     ;;
 start-worker)
     start_worker
@@ -97,6 +113,7 @@ start-worker)
 stop-worker) stop_node worker ;;
 stop)
     stop_node worker
+    rm -rf "$WORKER_TEMP"
     stop_node head
     # Ray leaves the stopped head's address in /tmp/ray/ray_current_cluster, where a later
     # `ray.init()` would look for a cluster to join.

@@ -322,6 +322,64 @@ def _resume_hint(config: Path, overrides: list[str]) -> str:
     return f"to resume from the last committed checkpoint, re-run: {command}"
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def sweep(
+    config: Path = typer.Argument(
+        ..., help="the run YAML every trial starts from, e.g. configs/cnn-mnist5k.yaml"
+    ),
+    sweep_file: Path = typer.Argument(..., metavar="SWEEP", help="the sweep YAML: a `sweep` section"),
+    overrides: list[str] = typer.Argument(None, help="dotted key=value overrides of every trial's config"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the trials and their plan, then exit"),
+) -> None:
+    """Sweep hyperparameters: many pipeline runs over a search space, scheduled by Ray Tune.
+
+    SWEEP has one `sweep` section: parameters (config key -> {choice|grid|uniform|loguniform|randint}),
+    metric and mode (default: the run's best metric), num_trials, max_concurrent, search
+    (random | grid | optuna: TPE, asked in batches of max_concurrent), scheduler ({asha: {grace_steps:
+    N}} stops weak trials at their evaluations),
+    seed. The sweep dir is the config's run_dir: each trial is a normal run in run_dir/trial_NNNN
+    (checkpoints, exact resume, one W&B run in the sweep's group, tagged with its parameters).
+    Re-running the same command continues an interrupted sweep: finished trials are kept, running
+    ones resume from their checkpoints. At the end: run_dir/results.md (trials by the metric) and
+    run_dir/best.yaml (`pipeline train run_dir/best.yaml` trains the best trial's config again).
+    Exit codes: 0 every trial finished, 1 a trial failed, 2 config/sweep error (nothing started),
+    75 a trial was preempted (SIGTERM) with a committed checkpoint: re-run (requeue) to continue.
+    """
+    from pipeline.launch import sweep as sweep_mod
+
+    try:
+        planned = sweep_mod.plan_sweep(str(config), str(sweep_file), overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(sweep_mod.describe(planned))
+    if dry_run:
+        typer.echo("--- dry run: nothing started, nothing written")
+        return
+    from pipeline.launch import tune
+
+    planned.save()
+    tune.run(planned, echo=typer.echo)
+    best = sweep_mod.write_results(planned)
+    typer.echo(sweep_mod.results_table(planned))
+    if best is not None:
+        typer.echo(f"best trial's config: {best} (pipeline train {best})")
+    if interrupted := [t.id for t in planned.trials if t.status == "running"]:  # preempted: requeue me
+        typer.echo(f"preempted: trial(s) {', '.join(interrupted)} committed a checkpoint; re-run to continue")
+        raise typer.Exit(EXIT_PREEMPTED)
+    if failed := [t.id for t in planned.trials if t.status not in sweep_mod.FINISHED]:
+        _fail(
+            f"trial(s) {', '.join(failed)} did not finish: re-run the same command to continue", EXIT_FAILED
+        )
+
+
+def _check_sweep(config: Path, sweep_file: Path | None, overrides: list[str]) -> None:
+    """A submitted sweep's every trial checked as `pipeline sweep` checks it (ConfigError: exit 2)."""
+    if sweep_file is not None:
+        from pipeline.launch import sweep as sweep_mod
+
+        sweep_mod.plan_sweep(str(config), str(sweep_file), overrides)
+
+
 submit_app = typer.Typer(help="Submit a run to a Slurm or Ray cluster.", no_args_is_help=True)
 app.add_typer(submit_app, name="submit")
 
@@ -332,23 +390,28 @@ def submit_slurm(
     overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. slurm.nodes=2"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the rendered sbatch script, submit nothing"),
     wait: bool = typer.Option(False, "--wait", help="follow the job's log to its end; exit with its code"),
+    sweep_file: Path = typer.Option(
+        None, "--sweep", help="a sweep YAML: the job runs `pipeline sweep CONFIG SWEEP` instead of training"
+    ),
 ) -> None:
     """Ray-on-Slurm: render slurm/ray-on-slurm.sbatch from the config's `slurm` section (partition,
     nodes, gpus_per_node, cpus_per_task, mem, time, account, signal_lead_s, extra_sbatch, setup) and
     sbatch it. The job starts a Ray head (and a Ray worker per further node) on ports derived from its
     job id, trains on the head, and on USR1 (signal_lead_s before the time limit, or
     `scancel --signal=USR1 --batch JOB`) commits a checkpoint and requeues itself; the requeued job
-    resumes. Script, config snapshot and log: RUN_DIR/slurm/."""
+    resumes. Script, config snapshot and log: RUN_DIR/slurm/. With --sweep SWEEP.yaml the job runs
+    `pipeline sweep` on its Ray cluster instead; requeued, the sweep continues (RUN_DIR/sweep.json)."""
     from pipeline import api
     from pipeline.launch import slurm
 
     try:
         cfg = api.prepare(api.load_config(config, overrides or [])).cfg  # local paths made absolute
+        _check_sweep(config, sweep_file, overrides or [])
         roots = slurm.code_roots(cfg)
         if dry_run:
-            typer.echo(slurm.render(cfg, Path.cwd()).rstrip())
+            typer.echo(slurm.render(cfg, Path.cwd(), sweep_file).rstrip())
         else:
-            job_id, log_path = slurm.submit(cfg, Path.cwd())
+            job_id, log_path = slurm.submit(cfg, Path.cwd(), sweep_file)
     except ConfigError as e:
         _fail(str(e))
     if roots:  # on stderr: a dry run's stdout is the script itself
@@ -377,15 +440,19 @@ def submit_ray(
         "--py-modules",
         help="more of your code to ship with the job: a package dir, a .py file or a .whl (repeatable)",
     ),
+    sweep_file: Path = typer.Option(
+        None, "--sweep", help="a sweep YAML: the job runs `pipeline sweep CONFIG SWEEP` instead of training"
+    ),
 ) -> None:
-    """Submit `pipeline train` as a Ray job (Job Submission API): the package code and the resolved
-    config travel as the job's working dir, WANDB_* variables as its env. Your code that the config
-    names by import path (model.name, task.name, data.decode: its package, or the .py file) and every
-    --py-modules PATH travel with it (Ray's py_modules), so workers import them on every node;
-    installed packages do not (the cluster's environment must have them). The submission id is derived
-    from the run name and run dir: re-submitting follows the job while it runs, and after it failed or
-    was stopped starts it again, resuming from the run dir's checkpoints (run_dir must be on storage
-    every node sees). Exits with the job's driver exit code (0 done, 1 failed, 75 preempted)."""
+    """Submit `pipeline train` (with --sweep SWEEP.yaml: `pipeline sweep`) as a Ray job (Job
+    Submission API): the package code and the resolved config travel as the job's working dir, WANDB_*
+    variables as its env. Your code that the config names by import path (model.name, task.name,
+    data.decode: its package, or the .py file) and every --py-modules PATH travel with it (Ray's
+    py_modules), so workers import them on every node; installed packages do not (the cluster's
+    environment must have them). The submission id is derived from the run name and run dir:
+    re-submitting follows the job while it runs, and after it failed or was stopped starts it again,
+    resuming from the run dir's checkpoints (run_dir must be on storage every node sees). Exits with
+    the job's driver exit code (0 done, 1 failed, 75 preempted)."""
     from pipeline import api
     from pipeline.launch import ray as ray_launcher
 
@@ -393,8 +460,12 @@ def submit_ray(
         cfg = api.prepare(api.load_config(config, overrides or [])).cfg
         if cfg.cluster.launcher != "ray":
             raise ConfigError("pipeline submit ray runs Ray Train workers: set cluster.launcher=ray")
+        _check_sweep(config, sweep_file, overrides or [])
+        sweep_text = sweep_file.read_text() if sweep_file is not None else None
         modules = [str(p) for p in py_modules or []]
-        code = ray_launcher.submit_job(cfg, address, not no_wait, sys.stdout, py_modules=modules)
+        code = ray_launcher.submit_job(
+            cfg, address, not no_wait, sys.stdout, py_modules=modules, sweep_text=sweep_text
+        )
     except ConfigError as e:
         _fail(str(e))
     raise typer.Exit(code)
@@ -404,7 +475,8 @@ def submit_ray(
 def bench_cmd(
     names: list[str] = typer.Argument(
         ...,
-        help="overhead, startup, loader, checkpoint, gpu, recipes, rl, memory (what each measures: above)",
+        help="overhead, startup, loader, checkpoint, gpu, recipes, rl, memory, compile, sweep (what each "
+        "measures: above)",
     ),
     json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON to this file"),
     data: Path = typer.Option(
@@ -413,9 +485,9 @@ def bench_cmd(
     recipes: str = typer.Option(
         None,
         "--recipes",
-        help="overhead: of cnn,resnet18,lstm,dcgan; recipes: of cnn,resnet18,lstm-rows,gru-rows,"
-        "lstm-next-row,autoencoder,vae,dcgan,lstm-lm-text,gru-lm-text; rl: of cartpole,acrobot "
-        "(default: all)",
+        help="overhead: of cnn,resnet18,lstm,dcgan; compile: of cnn,resnet18,lstm; recipes: of cnn,resnet18,"
+        "lstm-rows,gru-rows,lstm-next-row,autoencoder,vae,dcgan,lstm-lm-text,gru-lm-text; rl: of cartpole,"
+        "acrobot (default: all)",
     ),
     stages: str = typer.Option("0,2", "--stages", help="overhead: which ZeRO stages, e.g. 0,1,2"),
     repeats: int = typer.Option(
@@ -431,7 +503,9 @@ def bench_cmd(
     loader_workers: int = typer.Option(
         None, "--loader-workers", min=1, help="gpu: loader processes (default: cores - 2)"
     ),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="recipes, rl: where their run dirs go (replaced)"),
+    runs: Path = typer.Option(
+        Path("runs"), "--runs", help="recipes, rl, sweep: where their run dirs go (replaced)"
+    ),
     launcher: str = typer.Option("ray", "--launcher", help="recipes, rl: cluster.launcher, ray | local"),
 ) -> None:
     """Measure and print ratio tables, baseline and ours side by side in one run.
@@ -445,10 +519,12 @@ def bench_cmd(
     recipes     does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time
     rl          PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve
     memory      ResNet-50 at 224 px with and without activation checkpointing: peak memory, s/step
+    compile     s/step of the CNN, ResNet-18 and LSTM recipes with and without train.compile, compile time
+    sweep       a 6-trial Ray Tune sweep of the CNN: best trial against the default, best.yaml re-trained
 
     overhead compares with a DDP loop (gloo, 2 processes, in-memory batches) on the same model, batch
     and precision, after a warm-up that covers the first epoch; startup warms the op cache first;
-    overhead, startup, gpu and recipes train the recipes in configs/ (run them from a checkout)."""
+    overhead, startup, gpu, recipes and compile train the recipes in configs/ (run them from a checkout)."""
     import importlib
 
     from pipeline.bench import BENCHMARKS, BenchError, format_table
@@ -457,7 +533,7 @@ def bench_cmd(
         _fail(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     modules = {name: importlib.import_module(f"pipeline.bench.{name}") for name in dict.fromkeys(names)}
     # which recipes each benchmark trains (--recipes names them in that benchmark's own terms)
-    choices = {"overhead": "RECIPES", "recipes": "GOALS", "rl": "RECIPES"}
+    choices = {"overhead": "RECIPES", "recipes": "GOALS", "rl": "RECIPES", "compile": "RECIPES"}
     picked = {
         name: recipes.split(",") if recipes else list(getattr(modules[name], attr))
         for name, attr in choices.items()
@@ -490,6 +566,10 @@ def bench_cmd(
                 table = bench.run(picked[name], runs, repeats, launcher, echo=typer.echo)
             elif name == "memory":
                 table = bench.run(echo=typer.echo)
+            elif name == "compile":
+                table = bench.run(picked[name], data / "mnist5k", repeats, echo=typer.echo)
+            elif name == "sweep":
+                table = bench.run(data / "mnist5k", runs, echo=typer.echo)
             else:
                 table = bench.run(picked[name], data / "mnist5k", runs, launcher, echo=typer.echo)
             typer.echo(format_table(f"--- {name}", table))
@@ -505,7 +585,7 @@ def _bench_data(root: Path, names: list[str]) -> None:
     (as `make smoke` and the recipes do)."""
     from pipeline.data import shards, sources
 
-    mnist = {"overhead", "gpu", "recipes"} & set(names)
+    mnist = {"overhead", "gpu", "recipes", "compile", "sweep"} & set(names)
     if mnist and not (root / "mnist5k" / "MANIFEST.json").is_file():
         shards.write_prepared(sources.mnist5k(), root / "mnist5k", samples_per_shard=250, overwrite=True)
     if "startup" in names and not (root / "digits" / "MANIFEST.json").is_file():
@@ -592,13 +672,21 @@ def generate_cmd(
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="a run dir of `pipeline train` (with metrics.jsonl)"),
+    run_dir: Path = typer.Argument(
+        ..., help="a run dir of `pipeline train` (with metrics.jsonl), or a sweep dir of `pipeline sweep`"
+    ),
     out: Path = typer.Option(None, "--out", help="the PNG to write (default: RUN_DIR/report.png)"),
 ) -> None:
     """Plot a run's loss, eval, throughput and LR curves to a PNG (from metrics.jsonl, no W&B needed)
-    and print a one-screen summary: steps, final and best metrics, restarts and resumes, checkpoints."""
+    and print a one-screen summary: steps, final and best metrics, restarts and resumes, checkpoints.
+    A sweep dir: the sweep's metric of every trial in one plot, the trials ranked, best.yaml."""
     from pipeline import report
 
+    if (run_dir / "sweep.json").is_file():  # a sweep's dir: its trials' metric in one plot
+        text, png = report.sweep_report(run_dir, out or run_dir / "report.png")
+        typer.echo(text)
+        typer.echo(f"curves: {png}")
+        return
     try:
         rows, events, config = report.load(run_dir)
     except ConfigError as e:

@@ -160,6 +160,18 @@ class OptimConfig(Section):
         return v
 
 
+class CompileConfig(Section):
+    """`train.compile: {mode, dynamic}`: torch.compile's own options (pipeline/engine.py compiles)."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs (a GPU only)",
+    )
+    dynamic: bool | None = Field(
+        None, description="null: specialise on the first shapes, recompile dynamic on a change"
+    )
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, gt=0, le=MAX_STEPS, description="optimizer steps")
     grad_accum: int = Field(1, gt=0, le=MAX_GRAD_ACCUM, description="micro-batches per optimizer step")
@@ -168,6 +180,34 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0: cpus_per_worker")
     max_nonfinite_steps: int = Field(3, gt=0, description="consecutive NaN/Inf losses that abort the run")
+    compile: bool | CompileConfig = Field(
+        False,
+        description="torch.compile the model(s) (inductor) under ZeRO 0-3: true, or {mode, dynamic}; "
+        "the first step pays the compile time (startup event: compile_s)",
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_setting(cls, v: Any) -> Any:
+        # One message naming train.compile (a plain union would report each branch's failure)
+        if isinstance(v, bool | CompileConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("must be true, false or a mapping {mode: ..., dynamic: ...}")
+        try:
+            return CompileConfig.model_validate(v)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        """torch.compile's keyword arguments when compiling, else None."""
+        if self.compile is False:
+            return None
+        options = self.compile if isinstance(self.compile, CompileConfig) else CompileConfig()
+        return options.model_dump()
 
 
 class ZeroConfig(Section):

@@ -272,6 +272,12 @@ class Engine:
     def module(self) -> nn.Module:
         return self.ds.module
 
+    def compile(self, options: dict[str, Any]) -> None:
+        """torch.compile the module in place (DeepSpeed's engine.compile -> nn.Module.compile): its
+        parameter names, state_dict and checkpoints stay as they were, DeepSpeed's ZeRO hooks stay on
+        the module. Nothing compiles here: the first forward and backward do (startup's compile_s)."""
+        self.ds.compile(compile_kwargs=options)
+
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
 
@@ -448,6 +454,44 @@ def _writer_checkpoint_engine(writer: Any) -> Any:
     return WriterCheckpointEngine()
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead",)
+
+
+def compile_problem(options: dict[str, Any], *, use_gpu: bool) -> str | None:
+    """Why `train.compile` with these options cannot work on this run's workers, or None. Asked by
+    the plan (exit 2): in the workers the failure would come at the first step, after Ray, W&B and
+    the run dir have started."""
+    if options["mode"] in CUDA_GRAPH_MODES and not use_gpu:
+        return (
+            f"train.compile mode '{options['mode']}' is CUDA graphs, which need a GPU "
+            "(cluster.use_gpu=true); on CPU use mode default or max-autotune-no-cudagraphs"
+        )
+    if use_gpu:
+        return None  # inductor's GPU kernels are Triton, which comes with torch's CUDA build
+    try:  # torch's own search for the C++ compiler its CPU kernels need (a private API: it may move)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # whatever the search raises, the answer is "none found"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            "train.compile on CPU needs a C++ compiler for inductor's kernels and torch found none "
+            f"({first}): install one (apt install g++, or set CXX) or set train.compile=false"
+        )
+    return None
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (dynamo + inductor, forward and
+    backward graphs), from torch's own timers: a private API, so 0.0 if it moves."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except (ImportError, AttributeError):
+        return 0.0
+
+
 def op_cache_dir() -> Path:
     """Where this Python environment's JIT-built DeepSpeed ops live: one directory per environment.
     torch's default (~/.cache/torch_extensions/py311_cpu/<op>) is shared by every venv of a user, and
@@ -489,7 +533,9 @@ def build_engine(
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls a torch API that torch deprecates; the warning is not actionable for users.
     warnings.filterwarnings(
-        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+        category=FutureWarning,
     )
     config = deepspeed_config(
         micro_batch_size=micro_batch_size, train=train, precision=precision, zero=zero, raw=raw

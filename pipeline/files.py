@@ -1,11 +1,14 @@
 """File helpers shared by the data and checkpoint layers: hashing, durable writes, and the one rule for
-names read from a MANIFEST (`confined`)."""
+names read from a MANIFEST (`confined`). The one module that imports xxhash."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
+
+import xxhash
 
 from pipeline.config import ConfigError
 
@@ -15,6 +18,25 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk_bytes):
             h.update(block)
+    return h.hexdigest()
+
+
+def xxh3_128() -> Any:
+    """A streaming xxh3_128 hasher (`update(bytes)`, `hexdigest()`): ~11 GB/s on one core here, sha256
+    ~1.2-1.45 GB/s. Not cryptographic: it detects corruption (flipped bits, torn or truncated writes;
+    random damage goes unseen with a chance of about 2**-128), never forgery. Use it only where trust
+    comes from elsewhere (checkpoints: the tensors-only loader, checkpoint/trust.py). It releases the
+    GIL while it hashes.
+    """
+    return xxhash.xxh3_128()
+
+
+def xxh3_128_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
+    h = xxh3_128()
+    buffer = bytearray(chunk_bytes)  # one buffer, refilled: the hash outruns a fresh bytes per read
+    with open(path, "rb", buffering=0) as f, memoryview(buffer) as view:
+        while got := f.readinto(buffer):
+            h.update(view[:got])
     return h.hexdigest()
 
 

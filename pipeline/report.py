@@ -195,3 +195,46 @@ def returns_line(rows: list[dict[str, Any]]) -> str:
             + f" at step {steps[-1]}"
         )
     return f"episode return {'; '.join(parts) if parts else 'no episode finished yet'}"
+
+
+def sweep_report(sweep_dir: Path, out: Path) -> tuple[str, Path]:
+    """`pipeline report SWEEP_DIR`: the sweep's metric of every trial over steps in one plot, and the
+    summary (results.md once the sweep ended, else each trial's status from sweep.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    metric, trials = state["metric"], state["trials"]
+    figure, ax = plt.subplots(figsize=(8, 4.5))
+    for trial in trials:
+        path = sweep_dir / trial["id"] / "metrics.jsonl"
+        steps, values = series(_rows(path), metric) if path.is_file() else ([], [])
+        if steps:
+            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in trial["params"].items())
+            ax.plot(
+                steps, values, marker="o", markersize=3, label=f"{trial['id']} ({params}) {trial['status']}"
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{metric} ({state['mode']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    figure.suptitle(f"sweep {state['name']}: {sweep_dir}")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    results = sweep_dir / "results.md"
+    if results.is_file():
+        text = results.read_text().rstrip()
+    else:
+        text = "\n".join(
+            f"{t['id']}  {t['status']:8} step {t['step']}  {metric} {t['metric']}" for t in trials
+        )
+    best = sweep_dir / "best.yaml"
+    return text + (f"\nbest trial's config: {best}" if best.is_file() else ""), out
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -29,6 +29,23 @@ LOCAL_SMALL_RUN = [
 ]
 
 
+def few_local_steps(steps: int, collective_timeout_s: int = 120) -> list[str]:
+    """Overrides of a short fp32 run on the local launcher that logs every step and neither evaluates
+    nor checkpoints on the way (the dist matrices compare its per-step losses)."""
+    return [
+        "precision=fp32",
+        "cluster.launcher=local",
+        f"cluster.collective_timeout_s={collective_timeout_s}",
+        "data.batch_size=16",
+        f"train.max_steps={steps}",
+        "optim.warmup_steps=1",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+        "tracking.wandb.mode=disabled",
+    ]
+
+
 def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout_s: float = 900):
     """Run `python -m pipeline ARGS` as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
@@ -80,13 +97,15 @@ def first_key(path, n=0):
 
 def read_wandb(path: Path) -> dict:
     """What an offline W&B run recorded, read from its `.wandb` file (pipeline.tracking.wandb_records):
-    {"run_id", "config" (top-level keys), "history": [{key: value, "_step": n}], "summary": {key:
-    value}, "artifacts": [{"name", "type", "aliases", "refs"}], "exit_code": the run's exit code, None
-    if it never finished}."""
+    {"run_id", "group", "tags", "config" (top-level keys), "history": [{key: value, "_step": n}],
+    "summary": {key: value}, "artifacts": [{"name", "type", "aliases", "refs"}], "exit_code": the run's
+    exit code, None if it never finished}."""
     from pipeline.tracking import wandb_records
 
     found: dict = {
         "run_id": None,
+        "group": None,
+        "tags": [],
         "config": [],
         "history": [],
         "summary": {},
@@ -97,6 +116,7 @@ def read_wandb(path: Path) -> dict:
         which = record.WhichOneof("record_type")
         if which == "run":
             found["run_id"] = record.run.run_id
+            found["group"], found["tags"] = record.run.run_group, list(record.run.tags)
             found["config"] = [u.key or "/".join(u.nested_key) for u in record.run.config.update]
         elif which == "history":
             found["history"].append(

@@ -20,6 +20,8 @@ BENCHMARKS = {
     "recipes": "does each recipe learn (MNIST-5k; LMs: stdlib text): its eval against its goal, wall time",
     "rl": "PPO on CartPole-v1 and Acrobot-v1: eval return vs goal and CleanRL, env steps/s, curve",
     "memory": "ResNet-50 at 224 px with and without activation checkpointing: peak memory, s/step",
+    "compile": "s/step of the CNN, ResNet-18 and LSTM recipes with and without train.compile, compile time",
+    "sweep": "a 6-trial Ray Tune sweep of the CNN: best trial against the default, best.yaml re-trained",
 }
 # The checkout this package runs from, when it does: the recipes' configs/ live there, not in the package.
 REPO = Path(__file__).resolve().parents[2]

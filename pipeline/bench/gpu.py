@@ -8,7 +8,8 @@ one run, plus the LSTM recipe.
 3. pipeline: `pipeline train` with resnet50 on WebDataset shards of synthetic 224x224 JPEGs (decoded
    by the loader processes), one Ray worker on one GPU, ZeRO-0 and ZeRO-2: images/s from metrics.jsonl
    (steady-state windows), as a ratio of the in-memory loop, and the input stall.
-4. the LSTM recipe (rows of MNIST) under `pipeline train`, samples/s.
+4. the same ZeRO-2 run with `train.compile=true`: s/step against eager (`compile resnet50` row).
+5. the LSTM recipe (rows of MNIST) under `pipeline train`, samples/s.
 
 NVIDIA DeepLearningExamples report 2,470 images/s for ResNet-50 (AMP, batch 256) on one A100 80GB;
 scale it by the ratio of this GPU's measured bf16 peak to the A100's 312 TFLOP/s for a like-for-like
@@ -155,6 +156,13 @@ def run(
             )
             rows.append(row(f"ResNet-50 pipeline ZeRO-{stage} (JPEG shards)", images_per_s, "img/s", memory))
             rows.append(row(f"  input stall ZeRO-{stage}", stall, "fraction"))
+        # train.compile on the same run as ZeRO-2 (its first windows, which compile, are warm-up)
+        compiled, _ = pipeline_run(
+            "resnet18-mnist5k", [*common, "zero.stage=2", "train.compile=true"], Path(tmp) / "compiled"
+        )
+        eager = next(r["value"] for r in rows if r["name"].startswith("ResNet-50 pipeline ZeRO-2"))
+        # ratio of s/step, compiled over eager, as `compile <recipe>` rows are everywhere
+        rows.append(row("compile resnet50 (GPU, ZeRO-2)", batch / compiled, "s/step", batch / eager))
         lstm_per_s, _ = pipeline_run(
             "lstm-rows-mnist5k",
             [

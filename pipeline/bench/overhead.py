@@ -143,7 +143,7 @@ def _ddp_worker(
     dist.destroy_process_group()
 
 
-def bench_config(recipe: str, data: Path, run_dir: Path, stage: int) -> config_mod.Config:
+def bench_config(recipe: str, data: Path, run_dir: Path, stage: int, *extra: str) -> config_mod.Config:
     name, window, windows, warmup = RECIPES[recipe]
     cfg = config_mod.load(
         find_config(name),
@@ -160,6 +160,7 @@ def bench_config(recipe: str, data: Path, run_dir: Path, stage: int) -> config_m
             "cluster.launcher=ray",
             "optim.warmup_steps=1",
             *(["task.score_classifier=null"] if recipe == "dcgan" else []),
+            *extra,
         ],
     )
     return cfg

@@ -1,6 +1,6 @@
 """Export a committed checkpoint to consolidated fp32 weights that load without DeepSpeed.
 
-FILE        torch.save(state_dict): `model.load_state_dict(torch.load(FILE), strict=True)`
+FILE        torch.save(state_dict): `model.load_state_dict(torch.load(FILE, weights_only=True), strict=True)`
 FILE.json   what built the model: registry name, args, input shape, classes, source checkpoint
 FILE.policy.pt2  (an environment task's run, e.g. PPO) the deterministic policy as a self-contained
             torch.export program, observations -> actions, that loads with plain torch:

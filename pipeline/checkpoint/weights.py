@@ -24,7 +24,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         ckpt = find(source)
         if ckpt is None:
             raise CheckpointError(f"init_from: {source} holds no committed checkpoint")
-        return consolidated_state_dict(ckpt)  # verifies every file's sha256, then tensors only
+        return consolidated_state_dict(ckpt)  # verifies every file's hash, then tensors only
     if not source.is_file():
         raise CheckpointError(f"init_from: {source} does not exist")
     if source.suffix == ".safetensors":

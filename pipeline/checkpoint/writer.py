@@ -2,10 +2,11 @@
 
 The loop is blocked only while `submit` copies every tensor of a state dict into staging buffers that
 are allocated once and reused by every later save (fresh allocations page-fault at ~0.3 GB/s here;
-copies into touched memory run at ~7 GB/s). A thread then `torch.save`s the staged copy while a second
-thread reads the growing file back from the page cache, hashes it (sha256, for the MANIFEST) and
-fsyncs it, so hashing overlaps writing instead of re-reading every file after the write. Measured by
-`pipeline bench checkpoint`.
+copies into touched memory run at ~7 GB/s). A thread then `torch.save`s the staged copy into a file
+object of ours (`_HashingFile`) that hashes each piece as torch hands it over and writes it with
+`os.write` straight from the staging buffer: one copy into the page cache, no re-read for the hash,
+then fsync. The hash is xxh3_128 (files.xxh3_128, ~11 GB/s on one core, sha256 ~1.2-1.45 GB/s): it
+detects corruption; trust is not its job (see commit.py). Measured by `pipeline bench checkpoint`.
 
 Written by hand because torch.distributed.checkpoint's async save needs its own on-disk format, and
 DeepSpeed must be able to load what we write with its own loader.
@@ -14,7 +15,6 @@ DeepSpeed must be able to load what we write with its own loader.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import threading
@@ -26,18 +26,25 @@ from typing import Any
 
 import torch
 
+from pipeline.files import xxh3_128
+
+# The MANIFEST field of the digests this writer computes (commit.py also reads the older "sha256").
+HASH = "xxh3_128"
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 
 @dataclass
 class FileRecord:
     bytes: int
-    sha256: str
+    digest: str  # HASH of the file's bytes, hex
+    write_s: float = 0.0  # torch.save into the page cache, hashing included (for the bench)
+    fsync_s: float = 0.0
 
 
 @dataclass
 class _Save:
     root: Path
+    staged: list[tuple[Any, Path, str]] = field(default_factory=list)  # until start_writes()
     futures: list[Future] = field(default_factory=list)
     records: dict[str, FileRecord] = field(default_factory=dict)
     error: BaseException | None = None
@@ -45,14 +52,14 @@ class _Save:
 
 class BackgroundWriter:
     """One per process. `begin(root)`, then `submit(state_dict, path)` per file (called by the engine's
-    checkpoint hook), then `wait()` for the file table of everything written under root."""
+    checkpoint hook), `start_writes()` once all are staged, then `wait()` for the file table of
+    everything written under root."""
 
     def __init__(self) -> None:
         self._staging: dict[str, list[torch.Tensor]] = {}
         # Two files in flight: a rank writes a model file and an optimizer file per engine, and the
-        # hashing of one overlaps the serialising of the other.
+        # fsync of one overlaps the serialising of the other (hashing and os.write release the GIL).
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-write")
-        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-hash")
         self._save: _Save | None = None
         self._later: list[Future] = []
         self._crc_lock = threading.Lock()
@@ -72,17 +79,29 @@ class BackgroundWriter:
         staged = _stage(state_dict, buffers, iter(range(1 << 62)))
         if any(b.is_pinned() for b in buffers):
             torch.cuda.synchronize()  # device-to-host copies were non-blocking
-        self._save.futures.append(self._writer.submit(self._write, staged, Path(path), key, self._save))
+        self._save.staged.append((staged, Path(path), key))
+
+    def start_writes(self) -> None:
+        """Queue the writes of the files staged so far. Called once the whole state is staged (commit.start,
+        after every engine's save): a write running beside the staging copies competes for the same
+        cores and memory bandwidth (on 2 cores it made staging 2-3x slower, `pipeline bench checkpoint`),
+        and staging is what blocks the loop."""
+        if self._save is not None:
+            for staged, path, key in self._save.staged:
+                self._save.futures.append(self._writer.submit(self._write, staged, path, key, self._save))
+            self._save.staged.clear()
 
     def done(self) -> bool:
         """Whether every queued file is written (or failed). Local: callers agree across ranks."""
-        return self._save is None or all(f.done() for f in self._save.futures)
+        save = self._save
+        return save is None or (not save.staged and all(f.done() for f in save.futures))
 
     def wait(self) -> tuple[dict[str, FileRecord], BaseException | None]:
         """Block until every queued file is written; (records by path relative to root, first error)."""
         save = self._save
         if save is None:
             return {}, None
+        self.start_writes()  # files still staged (no start_writes yet) are written now
         for future in save.futures:
             future.result()  # _write records errors itself and never raises
         self._save = None
@@ -102,33 +121,43 @@ class BackgroundWriter:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
 
     def _write(self, staged: Any, path: Path, key: str, save: _Save) -> None:
         if save.error is not None:
             return  # an earlier file of this save failed: the save is lost anyway
-        written = threading.Event()
-        hashed = self._hasher.submit(_tail_hash, path, written)
         try:
-            self._crc32(off=True)
-            try:
-                torch.save(staged, path)
-            finally:
-                self._crc32(off=False)
-        except BaseException as e:
-            save.error = _detached(e, path)
-        finally:
-            written.set()
-        try:
-            size, digest = hashed.result()
+            record = self._save_hashed(staged, path)
         except BaseException as e:
             save.error = save.error or _detached(e, path)
             return
-        if save.error is None:
-            save.records[key] = FileRecord(size, digest)
+        save.records[key] = record
+
+    def _save_hashed(self, staged: Any, path: Path) -> FileRecord:
+        """torch.save `staged` to `path` through a _HashingFile, then fsync: the commit (a rename)
+        must never name data that is still only in the page cache."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            out = _HashingFile(fd)
+            start = time.perf_counter()
+            self._crc32(off=True)
+            try:
+                torch.save(staged, out)
+                out.flush()
+            except Exception:
+                if out.error is None:
+                    raise
+                raise out.error from None  # torch reports it (ENOSPC, say) as 'unexpected pos'
+            finally:
+                self._crc32(off=False)
+            written = time.perf_counter()
+            os.fsync(fd)
+            synced = time.perf_counter()
+        finally:
+            os.close(fd)  # also on errors: a deleted partial file (disk full) gives its space back
+        return FileRecord(out.size, out.hexdigest(), written - start, synced - written)
 
     def _crc32(self, off: bool) -> None:
-        # The zip records' crc32 costs about half of torch.save's time and duplicates the sha256 each
+        # The zip records' crc32 costs about half of torch.save's time and duplicates the hash each
         # file gets in the MANIFEST (torch.load does not need it). The switch is process-wide: off
         # while any of our writes runs, restored after the last one.
         with self._crc_lock:
@@ -145,8 +174,8 @@ class BackgroundWriter:
 
 def _detached(error: BaseException, path: Path) -> BaseException:
     """A new exception with `error`'s message and the free space at `path`. Never the original: its
-    traceback (and its context's) keeps torch's half-written file open, so the space of a deleted
-    partial file (disk full) would not come back. torch reports a full disk as 'unexpected pos'."""
+    traceback holds the frames of torch.save and the staged tensors (up to the whole state) for as long
+    as the error is kept. A full disk reads as ENOSPC from our os.write, wrapped by torch."""
     try:
         free = f"; {shutil.disk_usage(path.parent).free / 1e6:.0f} MB free in {path.parent}"
     except OSError:
@@ -179,30 +208,49 @@ def _stage(obj: Any, buffers: list[torch.Tensor], counter: Any) -> Any:
         return obj
 
 
-def _tail_hash(path: Path, written: threading.Event, chunk_bytes: int = 16 << 20) -> tuple[int, str]:
-    """sha256 and size of `path` while another thread appends to it (torch.save writes its zip strictly
-    sequentially, never seeking back), then fsync. Reads come from the page cache."""
-    while not path.exists():
-        if written.is_set() and not path.exists():  # checked again: it may have appeared meanwhile
-            raise FileNotFoundError(f"checkpoint file {path} was never written")
-        time.sleep(0.001)
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(chunk_bytes))
-    position = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            finished = written.is_set()  # read before the size: once set, the size is final
-            size = os.fstat(fd).st_size
-            if position < size:
-                got = os.preadv(fd, [buffer[: min(chunk_bytes, size - position)]], position)
-                digest.update(buffer[:got])
-                position += got
-            elif finished:
-                break
+class _HashingFile:
+    """The file object torch.save writes into. Each piece is hashed as it arrives, then written, so the
+    hash needs no second read of the file. Large pieces (tensor data: memoryviews of the staging
+    buffers) go to the fd with os.write, no copy in Python; the many small ones (zip headers, the
+    pickle) are gathered first so they cost a few syscalls, not one each."""
+
+    def __init__(self, fd: int, gather_bytes: int = 1 << 20) -> None:
+        self._fd = fd
+        self._hasher = xxh3_128()
+        self._small = bytearray()
+        self._gather_bytes = gather_bytes
+        self.size = 0
+        self.error: OSError | None = None  # the first failed os.write, in the OS's words
+
+    def write(self, data: Any) -> int:
+        with memoryview(data) as view, view.cast("B") as piece:
+            self._hasher.update(piece)  # in write order, the order of the file's bytes
+            self.size += piece.nbytes
+            if piece.nbytes < self._gather_bytes:
+                self._small += piece
+                if len(self._small) >= self._gather_bytes:
+                    self.flush()
             else:
-                time.sleep(0.002)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return position, digest.hexdigest()
+                self.flush()  # what was gathered comes first in the file
+                self._write_all(piece)
+            return piece.nbytes
+
+    def flush(self) -> None:
+        if self._small:
+            self._write_all(self._small)
+            self._small.clear()
+
+    def _write_all(self, data: Any) -> None:
+        """os.write until all of `data` is written (a write may take less: signals, sizes over 2 GiB)."""
+        try:
+            with memoryview(data) as view:
+                done = 0
+                while done < view.nbytes:
+                    done += os.write(self._fd, view[done:])
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def hexdigest(self) -> str:
+        assert not self._small, "flush() first: the digest covers bytes not yet written"
+        return self._hasher.hexdigest()

@@ -18,10 +18,12 @@ from pipeline.data.transforms import (
     INPUT_KEYS,
     JSON_TARGET,
     TARGET_KEYS,
-    augment,
+    Crop,
     conform,
+    crop_image,
     decode_input,
     decode_target,
+    draw_crop,
     find_input_key,
     find_target_key,
     is_image_array,
@@ -57,6 +59,16 @@ class Decoder:
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, int]:
         """Decode (once: the result stays in the sample for `DecodedCache`), then augment."""
+        value, label, crop = self.prepare(sample, epoch)
+        if self.spec.kind in ("sequence", "tokens"):
+            return value, label
+        if crop is None:
+            return to_tensor(value), label
+        return crop_image(value, crop), label
+
+    def prepare(self, sample: dict, epoch: int) -> tuple[Any, int, Crop | None]:
+        """(decoded value, label, its augmentation or None), the pixels not moved yet: the stream's
+        collate writes them, cropped and flipped, straight into the batch (one copy per sample)."""
         decoded = sample.get(DECODED)
         if decoded is None:
             try:
@@ -69,13 +81,12 @@ class Decoder:
         if isinstance(decoded, str):
             raise ValueError(decoded)
         value, label = decoded
-        if self.spec.kind in ("sequence", "tokens"):
-            return value, label
-        if self.augment_cfg is not None and self.augment_cfg.enabled:
-            # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
-            key = sample.get("__key__")
-            value = augment(value, self.augment_cfg, random.Random(f"{self.seed}/{epoch}/{key}"))
-        return to_tensor(value), label
+        augmented = self.augment_cfg is not None and self.augment_cfg.enabled
+        if self.spec.kind in ("sequence", "tokens") or not augmented:
+            return value, label, None
+        # Seeded per (seed, epoch, key): the same sample gets the same crop after a resume.
+        rng = random.Random(f"{self.seed}/{epoch}/{sample.get('__key__')}")
+        return value, label, draw_crop(self.augment_cfg, rng)
 
     def decode(self, sample: dict) -> tuple[Any, int]:
         """The deterministic part: encoded bytes -> (uint8 pixels (H, W[, C]) or a float tensor,

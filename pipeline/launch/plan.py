@@ -96,6 +96,13 @@ class Plan:
         shown = ", ".join(blocks[:4]) + (f" ... ({len(blocks)} in all)" if len(blocks) > 4 else "")
         return f"; activation checkpointing: {shown}"
 
+    def _compiling(self) -> str:
+        options = self.cfg.train.compile_options
+        if not options:
+            return ""
+        dynamic = "" if options["dynamic"] is None else f", dynamic={str(options['dynamic']).lower()}"
+        return f"; torch.compile (mode {options['mode']}{dynamic}; the first step compiles)"
+
     def describe(self) -> str:
         cfg = self.cfg
         lines = [
@@ -110,7 +117,7 @@ class Plan:
             f"precision     {cfg.precision}{AUTO_NOTE if cfg.precision == 'auto' else ''}"
             f", ZeRO stage {cfg.zero.stage}"
             f"{' + optimizer offload' if cfg.zero.offload_optimizer else ''}"
-            f"{' + param offload' if cfg.zero.offload_params else ''}",
+            f"{' + param offload' if cfg.zero.offload_params else ''}{self._compiling()}",
             f"optimizer     {cfg.optim.name} lr={cfg.optim.lr:g} wd={cfg.optim.weight_decay:g} "
             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_steps} warmup steps",
             *self._data_lines(),
@@ -320,6 +327,16 @@ def check_deepspeed(cfg: Config) -> None:
         )
 
 
+def check_compile(cfg: Config) -> None:
+    """train.compile where torch.compile can work on the workers (engine.compile_problem)."""
+    if not (options := cfg.train.compile_options):
+        return
+    from pipeline import engine
+
+    if problem := engine.compile_problem(options, use_gpu=cfg.cluster.use_gpu):
+        raise ConfigError(f"config key 'train.compile': {problem}")
+
+
 def shard_spec(cfg: Config, task: Any) -> shards.DataSpec:
     """The shards of a task that reads them, resolved and their first sample decoded."""
     if cfg.env.id is not None:
@@ -355,6 +372,7 @@ def shard_spec(cfg: Config, task: Any) -> shards.DataSpec:
 def make_plan(cfg: Config) -> Plan:
     cfg = _absolute(cfg)
     check_deepspeed(cfg)
+    check_compile(cfg)
     task = tasks.build(cfg.task.name, cfg.task.args)
     # an environment task's unknown ids and spaces are exit 2 naming env.id, as shards are data.train
     is_env = task.source == "environment"

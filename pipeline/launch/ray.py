@@ -454,6 +454,23 @@ def job_code(
     return config_mod.from_dict(tree), shipped
 
 
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_an_agent_is_up(client: Any, **job: Any) -> None:
+    """client.submit_job, again while a cluster that just started has no dashboard agent to take
+    it yet (HTTP 500 "No available agent"), for at most AGENT_WAIT_S."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def submit_job(
     cfg: config_mod.Config,
     address: str,
@@ -461,6 +478,7 @@ def submit_job(
     out: Any,
     poll_s: float = 1.0,
     py_modules: list[str] | None = None,
+    sweep_text: str | None = None,
 ) -> int:
     """Submit `pipeline train` for `cfg` (a plan's config: local paths absolute, see plan._absolute)
     to the Ray cluster at `address` (its dashboard URL); with
@@ -471,8 +489,11 @@ def submit_job(
     Re-submitting the same run (same name and run dir) attaches to its job while that one is active;
     after it ended (failed, stopped or done), the old job record is replaced and the new job resumes
     from the checkpoints in the run dir (`resume=auto`), with the same W&B run."""
-    # Clusters from `ray start` want the token (Ray >= 2.52); Ray reads the mode when it is imported.
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+    # Clusters from `ray start` want the token (Ray >= 2.52): where the user has one (RAY_AUTH_TOKEN_PATH,
+    # as cluster/local-2node.sh prints, RAY_AUTH_TOKEN or Ray's ~/.ray/auth_token), token auth is on.
+    # Ray reads the mode when it is imported.
+    has_token = {"RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"} & os.environ.keys()
+    if "RAY_AUTH_MODE" not in os.environ and (has_token or (Path.home() / ".ray" / "auth_token").is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
@@ -499,14 +520,19 @@ def submit_job(
             )
             job_cfg, modules = job_code(cfg, py_modules or [], Path(staging_root), out)
             (staging / "config.yaml").write_text(_job_config_text(job_cfg, out))
+            command = "train config.yaml"
+            if sweep_text is not None:  # the sweep's driver runs as the job; its trials on the cluster
+                (staging / "sweep.yaml").write_text(sweep_text)
+                command = "sweep config.yaml sweep.yaml"
             runtime_env: dict[str, Any] = {"working_dir": str(staging), "env_vars": _job_env_vars()}
             if modules:
                 # Ray unpacks them on every node and puts them on the job's (driver's and workers')
                 # Python path: users' modules import the same everywhere
                 runtime_env["py_modules"] = modules
                 out.write(f"shipping your code with the job: {', '.join(modules)}\n")
-            client.submit_job(
-                entrypoint="python -m pipeline train config.yaml cluster.address=auto",
+            _submit_when_an_agent_is_up(
+                client,
+                entrypoint=f"python -m pipeline {command} cluster.address=auto",
                 submission_id=job_id,
                 runtime_env=runtime_env,
                 metadata={"run_dir": str(cfg.resolved_run_dir), "name": cfg.name},

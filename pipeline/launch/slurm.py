@@ -205,7 +205,7 @@ def _pythonpath_lines(roots: list[str]) -> list[str]:
     ]
 
 
-def render(cfg: Config, workdir: Path) -> str:
+def render(cfg: Config, workdir: Path, sweep_file: Path | None = None) -> str:
     """The batch script for `cfg`. It trains from the config snapshot written at submission (paths()),
     so editing the YAML while the job waits or between requeues changes nothing. The users' modules
     the config names are put on PYTHONPATH (`code_roots`) after the `slurm.setup` lines, for the Ray
@@ -224,7 +224,13 @@ def render(cfg: Config, workdir: Path) -> str:
         "python": shlex.quote(python),
         "node_ip": shlex.quote(cfg.cluster.node_ip or ""),
         "gpus_per_node": str(cfg.slurm.gpus_per_node),
-        "train_args": shlex.quote(str(snapshot)),
+        # the Ray cluster's token, per job, beside the log: a directory every node sees
+        "token_path": shlex.quote(str(snapshot.parent / ".ray-token-")) + '"$SLURM_JOB_ID"',
+        # `pipeline sweep SNAPSHOT SWEEP_SNAPSHOT`: the sweep's driver and Tune on the job's Ray cluster,
+        # its trials on the same cluster; requeued, it continues from RUN_DIR/sweep.json
+        "command_args": f"sweep {shlex.quote(str(snapshot))} {shlex.quote(str(sweep_path(cfg)))}"
+        if sweep_file is not None
+        else f"train {shlex.quote(str(snapshot))}",
     }
     template = TEMPLATE.read_text()
     unknown = set(re.findall(r"\{\{(\w+)\}\}", template)) - values.keys()
@@ -233,14 +239,22 @@ def render(cfg: Config, workdir: Path) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
-def submit(cfg: Config, workdir: Path) -> tuple[int, Path]:
-    """Write the config snapshot and the script into RUN_DIR/slurm/, sbatch it; (job id, log path)."""
+def sweep_path(cfg: Config) -> Path:
+    """The sweep file's snapshot a sweep job runs (beside the config snapshot)."""
+    return paths(cfg)[0].parent / "sweep.yaml"
+
+
+def submit(cfg: Config, workdir: Path, sweep_file: Path | None = None) -> tuple[int, Path]:
+    """Write the config snapshot (and the sweep file's, for a sweep) and the script into RUN_DIR/slurm/,
+    sbatch it; (job id, log path)."""
     snapshot, script_path, log_path = paths(cfg)
-    script = render(cfg, workdir)
+    script = render(cfg, workdir, sweep_file)
     # 0700/0600: the snapshot has credentials as `***` (the job gets them from the environment sbatch
     # exports), and slurm.setup lines may hold anything
     secrets.private_dir(snapshot.parent)
     secrets.write_private(snapshot, config_mod.dump_yaml(cfg))
+    if sweep_file is not None:
+        secrets.write_private(sweep_path(cfg), sweep_file.read_text())
     secrets.write_private(script_path, script)
     try:
         out = subprocess.run(

@@ -87,6 +87,11 @@ def _checkpoint_module(module: nn.Module) -> None:
 def _checkpointed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (torch.is_grad_enabled() and self.training):  # eval and no_grad store nothing: nothing to save
         return nn.Module.__call__(self, *args, **kwargs)
+    if torch.compiler.is_compiling():
+        # Under train.compile the recomputation is part of the compiled backward graph, which replays
+        # the block's operations but not its buffer updates (BatchNorm statistics change once, in the
+        # forward); dynamo cannot trace a context_fn anyway.
+        return checkpoint(nn.Module.__call__, self, *args, use_reentrant=False, **kwargs)
     return checkpoint(
         nn.Module.__call__,
         self,

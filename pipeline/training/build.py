@@ -25,7 +25,14 @@ from pipeline.config import Config
 from pipeline.data import cursor as data_cursor
 from pipeline.data.shards import DataSpec
 from pipeline.data.stream import Batch, TrainBatches
-from pipeline.engine import Engine, build_engine, choose_precision, forced_bf16_warning, native_bf16
+from pipeline.engine import (
+    Engine,
+    build_engine,
+    choose_precision,
+    compile_seconds,
+    forced_bf16_warning,
+    native_bf16,
+)
 from pipeline.tasks.base import Task
 from pipeline.tracking import JsonlWriter, make_tracker
 from pipeline.training import activations, collectives, experience, finetune, resume, telemetry
@@ -120,6 +127,7 @@ def _build(
     spec = dataclasses.replace(spec, mean=mean, std=std)  # the space the models see (and grids undo)
     engines, universal, init = build_engines(cfg=cfg, spec=spec, task=task, env=env, resume_from=resume_from)
     marks["engines"] = time.time()
+    marks["compile_before"] = compile_seconds()  # torch.compile's timers count per process, not per run
     if resume_from:
         state = TrainState.from_dict(commit.read_state(Path(resume_from)))  # step, run id, cursor, RNG ...
         state.config_digest, state.world_size = cfg.digest(), env.world_size
@@ -330,4 +338,7 @@ def build_engines(
     with trust.tensors_only(*(load_dir for load_dir, _, _ in loads.values())):
         for name, (load_dir, load_tag, _) in loads.items():
             engines[name].load(load_dir, load_tag)
+    if options := cfg.train.compile_options:  # after the load: compiling leaves names and state as they are
+        for engine in engines.values():
+            engine.compile(options)
     return engines, universal, init

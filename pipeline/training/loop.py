@@ -19,6 +19,7 @@ from pipeline.checkpoint import commit
 from pipeline.config import Config
 from pipeline.data.shards import DataSpec
 from pipeline.data.transforms import normalize
+from pipeline.engine import compile_seconds
 from pipeline.tasks.base import Step
 from pipeline.training import telemetry
 from pipeline.training.agreement import Flags
@@ -129,6 +130,8 @@ def next_input(ctx: RunContext, step: int, micro: int, skipped: bool, step_keys:
 def note_first_step(ctx: RunContext, step: int) -> None:
     """The startup event: where the time from `pipeline train` to the first step done went."""
     ctx.startup_marks |= {"first_step": time.time(), "first_batch_wait": ctx.batches.wait_s}
+    if ctx.cfg.train.compile_options:  # torch.compile ran inside the first step (its forward, backward)
+        ctx.startup_marks["compile"] = compile_seconds() - ctx.startup_marks["compile_before"]
     ctx.tracker.event("startup", **telemetry.startup_phases(ctx.startup_marks))
     if ctx.resume_from:  # recovery time: restart/resume event -> here
         ctx.tracker.event("first_step_after_resume", step=step)

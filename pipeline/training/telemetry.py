@@ -101,6 +101,7 @@ def start_summary(
         "precision": cfg.precision,
         "zero_stage": cfg.zero.stage,
         "offload": [part for part, on in offload.items() if on],
+        "compile": cfg.train.compile_options,  # torch.compile's options, or None
         "params_trainable": trainable,
         "params_frozen": frozen,
         "train_shards": len(spec.train_urls),
@@ -129,7 +130,9 @@ def format_start_summary(name: str, run_id: str, s: dict[str, Any]) -> str:
         f"  workers    {s['world_size']} on {len(nodes)} node(s) {', '.join(nodes)}; "
         f"backend {s['backend']}; {', '.join(devices)}",
         f"  math       {s['precision']} ({s.get('precision_reason', 'set in the config')}), "
-        f"ZeRO stage {s['zero_stage']}" + (f", offload {'+'.join(s['offload'])}" if s["offload"] else ""),
+        f"ZeRO stage {s['zero_stage']}"
+        + (f", offload {'+'.join(s['offload'])}" if s["offload"] else "")
+        + (f", torch.compile mode {s['compile']['mode']}" if s.get("compile") else ""),
         f"  params     {s['params_trainable']:,} trainable, {s['params_frozen']:,} frozen",
         f"  envs       {s['environment']}"
         if s.get("environment")
@@ -161,7 +164,7 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
     """Seconds from the `pipeline train` process start to the first step done, and how they split.
     `marks` holds wall-clock times (one machine): process_start and launch from the driver, ray_ready
     from the Ray launcher, then worker, engines, loop, first_step and first_batch_wait (a duration)
-    from the worker."""
+    from the worker, and compile (a duration, with train.compile)."""
     start = marks.get("process_start", marks["worker"])
     launched = marks.get("launch", start)
     ready = marks.get("ray_ready", launched)
@@ -175,4 +178,6 @@ def startup_phases(marks: dict[str, float]) -> dict[str, float]:
         "first_batch_s": marks["first_batch_wait"],
     }
     phases["first_step_s"] = marks["first_step"] - marks["loop"] - marks["first_batch_wait"]
+    if "compile" in marks:  # train.compile: the part of the first step torch.compile took
+        phases["compile_s"] = marks["compile"]
     return {k: round(v, 3) for k, v in phases.items()}

@@ -4,6 +4,7 @@ running job and restarts a failed one, which resumes; a killed worker raylet cos
 last checkpoint, not the run; a user's package and file, importable only on the submitting machine,
 travel with the job and train on both nodes."""
 
+import json
 import os
 import re
 import signal
@@ -24,9 +25,11 @@ SCRIPT = REPO / "cluster" / "local-2node.sh"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("ray-2node")
     env = {
         **os.environ,
-        "PIPELINE_RAY_STATE": str(tmp_path_factory.mktemp("ray-2node")),
+        "PIPELINE_RAY_STATE": str(state),
+        "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"),  # the script makes it; clients read it
         "RAY_HEAD_PORT": str(free_port("127.0.0.2")),
         "RAY_DASHBOARD_PORT": str(free_port("127.0.0.2")),
     }
@@ -159,3 +162,25 @@ def test_users_code_travels_with_the_job_to_both_nodes(cluster, digits_dir, tmp_
     assert "name: userpkg.models:TinyNet" in ran and "name: _pipeline_file_" in ran  # the wrapped file
     final = read_jsonl(run_dir / "metrics.jsonl")[-1]
     assert final["step"] == 40 and 0 < final["eval/confidence"] <= 1  # the user's task's own metric
+
+
+@pytest.mark.timeout(600)
+def test_a_submitted_sweep_runs_its_trials_on_the_cluster(cluster, digits_dir, tmp_path):
+    # optuna's TPE, one trial a batch: the second is asked once the first has ended
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(
+        "sweep:\n  parameters:\n    optim.lr: {loguniform: [3.0e-3, 1.0e-2]}\n  search: optuna\n"
+        "  num_trials: 2\n  max_concurrent: 1\n"
+    )
+    run_dir = tmp_path / "sweep"
+    args = submit_args(cluster, digits_dir, run_dir, "train.max_steps=30", "--sweep", str(sweep_file))
+    proc = submit(cluster, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| 1 | trial_000" in proc.stdout  # the sweep's table, printed by the job's driver
+    for trial in ("trial_0000", "trial_0001"):
+        (start,) = [e for e in read_jsonl(run_dir / trial / "events.jsonl") if e["event"] == "start"]
+        assert sorted(set(start["nodes"])) == ["127.0.0.2", "127.0.0.3"]  # a trial's workers on both nodes
+    assert (run_dir / "results.md").is_file() and (run_dir / "best.yaml").is_file()
+    state = json.loads((run_dir / "sweep.json").read_text())
+    assert [t["status"] for t in state["trials"]] == ["done", "done"]
+    assert all(3e-3 <= t["params"]["optim.lr"] <= 1e-2 and t["metric"] is not None for t in state["trials"])

@@ -11,7 +11,7 @@ import torch
 from pipeline import config
 from pipeline.checkpoint import export
 from pipeline.launch.plan import make_plan, worker_payload
-from tests.helpers import read_jsonl, run_local_pair
+from tests.helpers import few_local_steps, read_jsonl, run_local_pair
 
 pytestmark = pytest.mark.dist
 
@@ -37,16 +37,7 @@ def test_checkpointed_blocks_train_bitwise_like_plain_ones_under_every_zero_stag
                         *model_args,
                         f"model.activation_checkpointing={str(on).lower()}",
                         f"zero.stage={stage}",
-                        "precision=fp32",
-                        "cluster.launcher=local",
-                        "cluster.collective_timeout_s=120",
-                        "data.batch_size=16",
-                        f"train.max_steps={STEPS}",
-                        "optim.warmup_steps=1",
-                        "train.log_every=1",
-                        "train.eval_every=0",
-                        "checkpoint.every=0",
-                        "tracking.wandb.mode=disabled",
+                        *few_local_steps(STEPS),
                     ],
                 )
                 plans[name] = make_plan(cfg)

@@ -150,7 +150,7 @@ def test_crash_inside_a_checkpoint_write_resumes_from_the_previous_commit(digits
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 at 2 -> 1 workers: tests/faults/test_lm_resume.py
 def test_world_size_change_2_to_1_to_2(digits_dir, tmp_path, stage):
     run_dir = tmp_path / "run"
 

@@ -77,7 +77,7 @@ def test_checkpoints_mirrored_to_s3_resume_after_losing_the_local_disk(digits_di
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipping checkpoint s3://ckpts/digits-run/step_00000016" in proc.stderr
-    assert "trainer_state.json does not match its sha256" in proc.stderr
+    assert "trainer_state.json does not match its xxh3_128" in proc.stderr
     assert "from " + str(run_dir / "checkpoints" / "step_00000012") in proc.stdout
 
     # Naming that commit explicitly is a usage error that names the file, before anything starts.

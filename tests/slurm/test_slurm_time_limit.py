@@ -1,7 +1,7 @@
 """Slurm's own time limit, against a real local Slurm (slurm/local-cluster.sh): a job with a short
 --time gets its USR1 from Slurm (`--signal=B:USR1@lead`; nothing here calls scancel), commits a
 checkpoint, requeues itself before the limit kills it, and the requeued job, with a time budget of its
-own, resumes that step and finishes."""
+own, resumes that step into the same W&B run (offline) and finishes."""
 
 import re
 import subprocess
@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.helpers import read_jsonl
+from tests.helpers import assert_one_wandb_run, read_jsonl
 from tests.slurm.test_slurm import job_field, slurm_cluster, submit, wait_until
 
 pytestmark = pytest.mark.slurm
@@ -49,7 +49,9 @@ def test_the_time_limit_signal_commits_requeues_and_the_next_segment_finishes(di
         "train.eval_every=0",
         "slurm.time=00:02:00",
         f"slurm.signal_lead_s={LEAD_S}",
+        "tracking.wandb.mode=offline",
         "--wait",
+        env={"WANDB_MODE": "offline"},
     )
     job_id = int(re.search(r"submitted Slurm job (\d+)", proc.stdout.readline()).group(1))
     try:
@@ -76,6 +78,7 @@ def test_the_time_limit_signal_commits_requeues_and_the_next_segment_finishes(di
     assert (signalled - start0).total_seconds() >= TIME_LIMIT_S - LEAD_S - 30 - 1 and signalled < end0
     assert (run_dir / "checkpoints" / f"step_{preempted['step']:08d}" / "MANIFEST.json").is_file()
     assert max(m["step"] for m in read_jsonl(run_dir / "metrics.jsonl") if "step" in m) == MAX_STEPS
+    assert_one_wandb_run(run_dir, segments=2, last_step=MAX_STEPS)  # one W&B run across both segments
 
 
 def run_both_segments(job_id):

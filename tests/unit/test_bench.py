@@ -71,9 +71,17 @@ def test_bench_loader_writes_its_rows_to_json_outside_a_checkout(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _bench_rows(out)
-    assert [r["name"][:3] for r in rows] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [r["name"][:3] for r in rows[:4]] == ["(a)", "(b)", "(c)", "(d)"]
     assert rows[1]["ratio"] == pytest.approx(rows[1]["value"] / rows[0]["value"])
-    assert "--- loader" in proc.stdout and "b/a = " in proc.stdout
+    by_name = {r["name"]: r for r in rows[4:]}
+    assert by_name["loader b/a"]["baseline"] == rows[0]["value"]
+    assert (
+        by_name["loader d/c"]["value"] == rows[3]["value"]
+        and by_name["loader d/c"]["baseline"] == rows[2]["value"]
+    )
+    for name in ("loader peak RSS 10x data", "loader consumer peak RSS 10x data"):  # MB with 10x and 1x data
+        assert by_name[name]["unit"] == "MB" and by_name[name]["baseline"] > 0
+    assert "--- loader" in proc.stdout and "b/a = " in proc.stdout and "CPU us per sample" in proc.stdout
 
 
 def test_bench_checkpoint_writes_its_rows_to_json(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint.writer import BackgroundWriter
-from pipeline.files import sha256_file
+from pipeline.files import xxh3_128_file
 
 
 class Scaler:
@@ -38,7 +38,7 @@ def test_files_hold_the_state_at_submit_time_and_their_hashes(tmp_path):
             assert error is None and set(records) == {"a.pt", "sub.pt"}
             for name, record in records.items():
                 assert record.bytes == (root / name).stat().st_size
-                assert record.sha256 == sha256_file(root / name)
+                assert record.digest == xxh3_128_file(root / name)
             loaded = torch.load(root / "a.pt", weights_only=False)
             assert torch.equal(loaded["w"], expected)
             assert torch.equal(loaded["view"], expected[10:20])
@@ -74,6 +74,25 @@ def test_a_full_disk_is_reported_not_raised(full_disk):
         (full_disk / "a.pt").unlink()
         writer.submit({"w": torch.ones(1000)}, full_disk / "b.pt")
         records, error = writer.wait()
-        assert error is None and records["b.pt"].sha256 == sha256_file(full_disk / "b.pt")
+        assert error is None and records["b.pt"].digest == xxh3_128_file(full_disk / "b.pt")
+    finally:
+        writer.close()
+
+
+def test_writes_start_once_everything_is_staged(tmp_path):
+    writer = BackgroundWriter()
+    try:
+        writer.begin(tmp_path)
+        writer.submit({"w": torch.ones(1000)}, tmp_path / "a.pt")
+        writer.submit({"w": torch.zeros(1000)}, tmp_path / "b.pt")
+        assert not writer.done() and list(tmp_path.iterdir()) == []  # staged, not competing with staging
+        writer.start_writes()
+        writer.wait_idle()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+        writer.begin(tmp_path / "sub")
+        (tmp_path / "sub").mkdir()
+        writer.submit({"w": torch.ones(10)}, tmp_path / "sub" / "c.pt")
+        records, error = writer.wait()  # files nobody started are written by wait()
+        assert error is None and set(records) == {"c.pt"}
     finally:
         writer.close()

@@ -1,6 +1,8 @@
 """The sbatch script `pipeline submit slurm --dry-run` renders, and the per-job Ray ports/temp dirs."""
 
 import itertools
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +145,24 @@ def test_the_dry_run_names_the_directories_every_node_must_see(digits_dir, tmp_p
     assert result.returncode == 0, result.stderr
     assert f"export PYTHONPATH={userpkg}${{PYTHONPATH:+:$PYTHONPATH}}" in result.stdout
     assert f"your code from {userpkg} on every node" in result.stderr and "all nodes share" in result.stderr
+
+
+def test_each_job_makes_its_own_private_ray_token_beside_its_log(tmp_path):
+    """Ray 2.60's `ray start` makes no token: the script writes one (0600) per job where every node
+    reads it, exports only its path, and removes it when the job's Ray stops."""
+    run_dir = tmp_path / "run dir"  # a space: the path is quoted
+    script = slurm.render(config.load(SMOKE, [f"run_dir={run_dir}"]), tmp_path)
+    token_path = f"'{run_dir.resolve() / 'slurm' / '.ray-token-'}'\"$SLURM_JOB_ID\""
+    assert f"export RAY_AUTH_TOKEN_PATH={token_path}\n" in script
+    assert "unset RAY_AUTH_TOKEN" in script
+    # made before the first `ray start`, with umask 077, and removed by stop_ray
+    made = script.index("(umask 077 && mkdir -p")
+    assert made < script.index("start --head")
+    # the lines that make it, run: 256 random bits in hex, 0600, its dir made if missing
+    making = script[made : script.index("\n\n", made)]
+    token = tmp_path / "new dir" / ".ray-token-7"
+    subprocess.run(["bash", "-c", making], env={**os.environ, "RAY_AUTH_TOKEN_PATH": str(token)}, check=True)
+    assert re.fullmatch(r"[0-9a-f]{64}", token.read_text()) and token.stat().st_mode & 0o777 == 0o600
+    assert 'rm -f "$RAY_AUTH_TOKEN_PATH"' in script[script.index("stop_ray() {") :]
+    # the token is made in the job, not by `pipeline submit`: no token value in the script
+    assert "RAY_AUTH_TOKEN=" not in script
