@@ -60,6 +60,9 @@ def deepspeed_config(
         "zero_optimization": zero_section,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed checks that every rank saves under the same tag with two all-reduces per save,
+        # on the loop's time; ours is always commit.ENGINE_TAG.
+        "checkpoint": {"tag_validation": "Ignore"},
     }
     if zero.stage >= 1:
         # ZeRO partitions any torch optimizer's state; DeepSpeed only whitelists its Adam family and
@@ -258,6 +261,8 @@ class Engine:
     clip_grad_norm: float = 0.0  # > 0: `step` clips (see `clips_locally`), DeepSpeed does not
     # the last local clipping's norm (a tensor: no host sync)
     _grad_norm: torch.Tensor | None = field(default=None, init=False, repr=False)
+    # the background writer of the last save: `step` waits for its deferred staging copies
+    _writer: Any = field(default=None, init=False, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.ds.fp16_enabled():
@@ -285,6 +290,10 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self._writer is not None:
+            # The last save copies the weights and optimizer state this step changes in the
+            # background (checkpoint/writer.py), overlapping this step's forward and backward.
+            self._writer.wait_staged()
         if self.clip_grad_norm and self.ds.is_gradient_accumulation_boundary():
             # Where DeepSpeed would clip: after its all-reduce of the gradients, before the update.
             params = [p for g in self.ds.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -370,16 +379,39 @@ class Engine:
     def save(self, directory: Path, tag: str, writer: Any = None) -> None:
         """Collective: every rank writes its part (ZeRO partitions) under directory/tag. With a
         `writer` (checkpoint.writer.BackgroundWriter), DeepSpeed's tensor files go through it: staged
-        in memory here, written in the background (small metadata files are still written here)."""
+        in memory here, written in the background (small metadata files are still written here). The
+        tensors only `step` changes are copied in the background until the next `step`."""
         if writer is None:
             self.ds.save_checkpoint(str(directory), tag=tag)
             return
         own = self.ds.checkpoint_engine
-        self.ds.checkpoint_engine = _writer_checkpoint_engine(writer)
+        self.ds.checkpoint_engine = _writer_checkpoint_engine(writer, self.step_owned_storages())
+        self._writer = writer
         try:
             self.ds.save_checkpoint(str(directory), tag=tag)
         finally:
             self.ds.checkpoint_engine = own  # loads keep DeepSpeed's own reader
+
+    def step_owned_storages(self) -> frozenset[int]:
+        """The storages (data_ptr) of the tensors that only `step` writes: the trainable weights (under
+        ZeRO-1/2 views of DeepSpeed's flat groups), the optimizer's state and its fp32 masters. Not the
+        module's buffers (a forward updates BatchNorm statistics) nor frozen weights. A tensor missed
+        here is merely staged before the save returns, so listing too few is slow, never wrong."""
+        tensors = [p for p in self.ds.module.parameters() if p.requires_grad]
+        optimizers = [self.ds.optimizer, getattr(self.ds.optimizer, "optimizer", None)]
+        for opt in (o for o in optimizers if o is not None):
+            tensors += [p for group in getattr(opt, "param_groups", ()) for p in group["params"]]
+            for state in getattr(opt, "state", {}).values():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+            # the fp32 masters of ZeRO-1/2, ZeRO-3 (outside param_groups between steps) and DeepSpeed's
+            # fp16/bf16 optimizers without ZeRO
+            for attr in (
+                "single_partition_of_fp32_groups",
+                "fp32_partitioned_groups_flat",
+                "fp32_groups_flat",
+            ):
+                tensors += [t for t in getattr(opt, attr, None) or () if isinstance(t, torch.Tensor)]
+        return frozenset(t.untyped_storage().data_ptr() for t in tensors if not t.is_cuda)
 
     def is_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (the fp32 masters under ZeRO: what the
@@ -431,8 +463,9 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _writer_checkpoint_engine(writer: Any) -> Any:
-    """A DeepSpeed CheckpointEngine that hands each state dict to our background writer."""
+def _writer_checkpoint_engine(writer: Any, deferred: frozenset[int]) -> Any:
+    """A DeepSpeed CheckpointEngine that hands each state dict to our background writer (the tensors
+    in `deferred` storages staged in the background)."""
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
     class WriterCheckpointEngine(CheckpointEngine):
@@ -440,7 +473,7 @@ def _writer_checkpoint_engine(writer: Any) -> Any:
             pass
 
         def save(self, state_dict: Any, path: str) -> None:
-            writer.submit(state_dict, path)
+            writer.submit(state_dict, path, deferred)
 
         def load(self, path: str, map_location: Any = None) -> Any:
             raise AssertionError("only used for saving")

@@ -1,8 +1,14 @@
 """Write checkpoint files off the training thread: stage, then write + hash + fsync in the background.
 
-The loop is blocked only while `submit` copies every tensor of a state dict into staging buffers that
-are allocated once and reused by every later save (fresh allocations page-fault at ~0.3 GB/s here;
-copies into touched memory run at ~7 GB/s). A thread then `torch.save`s the staged copy into a file
+Every tensor of a state dict is copied into staging buffers that are allocated once and reused by every
+later save (fresh allocations page-fault at ~0.3 GB/s here; copies into touched memory run at ~7-10
+GB/s). Tensors that only an optimizer step changes (the caller names their storages: trainable weights,
+optimizer moments, fp32 masters) are copied by a staging thread while the loop runs its next forward and
+backward; `wait_staged` (called by Engine.step before any weight changes) waits for those copies. All
+other tensors (module buffers such as BatchNorm statistics, which a forward changes; frozen weights) are
+copied before `submit` returns. On GPU the copies are queued on the current stream (non-blocking, into
+pinned memory), so every later kernel, the optimizer step's included, runs after them: there a
+CUDA event is all the writer waits for. Once staged, a writer thread `torch.save`s the staged copy into a file
 object of ours (`_HashingFile`) that hashes each piece as torch hands it over and writes it with
 `os.write` straight from the staging buffer: one copy into the page cache, no re-read for the hash,
 then fsync. The hash is xxh3_128 (files.xxh3_128, ~11 GB/s on one core, sha256 ~1.2-1.45 GB/s): it
@@ -45,6 +51,9 @@ class FileRecord:
 class _Save:
     root: Path
     staged: list[tuple[Any, Path, str]] = field(default_factory=list)  # until start_writes()
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # deferred (dst, src)
+    copied: Future | None = None  # the staging thread's copies, then the writes' queueing
+    gpu_copies: Any = None  # a CUDA event after the device-to-host copies
     futures: list[Future] = field(default_factory=list)
     records: dict[str, FileRecord] = field(default_factory=dict)
     error: BaseException | None = None
@@ -60,6 +69,7 @@ class BackgroundWriter:
         # Two files in flight: a rank writes a model file and an optimizer file per engine, and the
         # fsync of one overlaps the serialising of the other (hashing and os.write release the GIL).
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-write")
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-stage")
         self._save: _Save | None = None
         self._later: list[Future] = []
         self._crc_lock = threading.Lock()
@@ -70,31 +80,49 @@ class BackgroundWriter:
         assert self._save is None or self.done(), "a checkpoint write is still in flight"
         self._save = _Save(Path(root))
 
-    def submit(self, state_dict: Any, path: str | Path) -> None:
-        """Stage `state_dict` (synchronous: after this returns the caller may change its tensors) and
-        queue its write to `path`, which must lie under the root given to `begin`."""
-        assert self._save is not None, "begin() first"
-        key = str(Path(path).relative_to(self._save.root))
+    def submit(self, state_dict: Any, path: str | Path, deferred: frozenset[int] = frozenset()) -> None:
+        """Stage `state_dict` and queue its write to `path`, which must lie under the root given to
+        `begin`. Tensors whose storage (`untyped_storage().data_ptr()`) is in `deferred` are copied by
+        the staging thread: the caller must not change them before `wait_staged()`; every other tensor
+        is copied before this returns."""
+        save = self._save
+        assert save is not None, "begin() first"
+        key = str(Path(path).relative_to(save.root))
         buffers = self._staging.setdefault(key, [])
-        staged = _stage(state_dict, buffers, iter(range(1 << 62)))
+        staged = _stage(state_dict, buffers, iter(range(1 << 62)), deferred, save.copies)
         if any(b.is_pinned() for b in buffers):
-            torch.cuda.synchronize()  # device-to-host copies were non-blocking
-        self._save.staged.append((staged, Path(path), key))
+            save.gpu_copies = torch.cuda.Event()
+            save.gpu_copies.record()  # after the non-blocking device-to-host copies on this stream
+        save.staged.append((staged, Path(path), key))
 
     def start_writes(self) -> None:
-        """Queue the writes of the files staged so far. Called once the whole state is staged (commit.start,
-        after every engine's save): a write running beside the staging copies competes for the same
-        cores and memory bandwidth (on 2 cores it made staging 2-3x slower, `pipeline bench checkpoint`),
-        and staging is what blocks the loop."""
-        if self._save is not None:
-            for staged, path, key in self._save.staged:
-                self._save.futures.append(self._writer.submit(self._write, staged, path, key, self._save))
-            self._save.staged.clear()
+        """Start the deferred copies, then queue the writes of the files staged so far (on the staging
+        thread, once its copies are done). Called once every file is submitted (commit.start, after
+        every engine's save): a write running beside the staging copies competes for the same cores
+        and memory bandwidth (on 2 cores it made staging 2-3x slower, `pipeline bench checkpoint`)."""
+        save = self._save
+        if save is None or not save.staged or save.copied is not None:
+            return
+        files, copies = list(save.staged), list(save.copies)
+        save.staged.clear()
+        save.copies.clear()
+        save.copied = self._stager.submit(self._copy_then_write, copies, files, save)
+
+    def wait_staged(self) -> None:
+        """Block until the deferred copies of the save in flight are done: from then on the loop may
+        change every tensor it saved. Called before each optimizer step (Engine.step)."""
+        save = self._save
+        if save is not None and save.copied is not None:
+            save.copied.result()  # _copy_then_write records errors itself and never raises
 
     def done(self) -> bool:
         """Whether every queued file is written (or failed). Local: callers agree across ranks."""
         save = self._save
-        return save is None or (not save.staged and all(f.done() for f in save.futures))
+        if save is None:
+            return True
+        if save.staged or (save.copied is not None and not save.copied.done()):
+            return False
+        return all(f.done() for f in save.futures)
 
     def wait(self) -> tuple[dict[str, FileRecord], BaseException | None]:
         """Block until every queued file is written; (records by path relative to root, first error)."""
@@ -102,6 +130,7 @@ class BackgroundWriter:
         if save is None:
             return {}, None
         self.start_writes()  # files still staged (no start_writes yet) are written now
+        self.wait_staged()  # its writes are queued once the copies are done
         for future in save.futures:
             future.result()  # _write records errors itself and never raises
         self._save = None
@@ -120,7 +149,22 @@ class BackgroundWriter:
             future.result()
 
     def close(self) -> None:
+        self._stager.shutdown(wait=True)  # first: it may still queue writes
         self._writer.shutdown(wait=True)
+
+    def _copy_then_write(
+        self, copies: list[tuple[torch.Tensor, torch.Tensor]], files: list[tuple[Any, Path, str]], save: _Save
+    ) -> None:
+        try:
+            for dst, src in copies:
+                dst.copy_(src)
+            if save.gpu_copies is not None:
+                save.gpu_copies.synchronize()
+        except BaseException as e:
+            save.error = save.error or _detached(e, save.root)
+            return
+        for staged, path, key in files:
+            save.futures.append(self._writer.submit(self._write, staged, path, key, save))
 
     def _write(self, staged: Any, path: Path, key: str, save: _Save) -> None:
         if save.error is not None:
@@ -183,9 +227,16 @@ def _detached(error: BaseException, path: Path) -> BaseException:
     return OSError(f"writing {path.name} failed: {type(error).__name__}: {error}{free}")
 
 
-def _stage(obj: Any, buffers: list[torch.Tensor], counter: Any) -> Any:
+def _stage(
+    obj: Any,
+    buffers: list[torch.Tensor],
+    counter: Any,
+    deferred: frozenset[int],
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+) -> Any:
     """A copy of `obj` whose tensors live in `buffers` (reused when shape and dtype match: the state
-    dicts of one run have the same structure at every save)."""
+    dicts of one run have the same structure at every save). Host tensors in `deferred` storages are
+    not copied yet: their (buffer, tensor) pairs are appended to `copies`."""
     if isinstance(obj, torch.Tensor):
         index = next(counter)
         t = obj.detach()
@@ -195,11 +246,14 @@ def _stage(obj: Any, buffers: list[torch.Tensor], counter: Any) -> Any:
                 buffers[index] = fresh
             else:
                 buffers.append(fresh)
+        if not t.is_cuda and t.untyped_storage().data_ptr() in deferred:
+            copies.append((buffers[index], t))
+            return buffers[index]
         return buffers[index].copy_(t, non_blocking=t.is_cuda)
     if isinstance(obj, dict):
-        return type(obj)((k, _stage(v, buffers, counter)) for k, v in obj.items())
+        return type(obj)((k, _stage(v, buffers, counter, deferred, copies)) for k, v in obj.items())
     if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
-        return type(obj)(_stage(v, buffers, counter) for v in obj)
+        return type(obj)(_stage(v, buffers, counter, deferred, copies) for v in obj)
     if isinstance(obj, _IMMUTABLE):
         return obj
     try:  # e.g. a loss scaler object: it changes in place at later steps

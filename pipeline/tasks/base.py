@@ -16,7 +16,9 @@ as keyword arguments). The loop owns everything distributed; the task says what 
 
 Per micro-batch the loop calls `task.train_step(step)` with a `Step`: the batch (`step.x`, `step.y`),
 the optimizer step number (`step.number`), the models by engine name (`step.models`: call one for its
-forward, `.module` is the plain `nn.Module`) and one way to change weights, `step.update(name, loss)`.
+forward, `.module` is the plain `nn.Module`) and one way to change weights, `step.update(name, loss)`
+(an async checkpoint copies weights and optimizer state in the background until the next `update`:
+change parameters in place only after it; buffers may change any time).
 `update` is where every rank agrees (one tiny all-reduce) that the loss is finite everywhere before
 anything changes: a rank that stepped alone would deadlock ZeRO's collectives. The models offer no
 backward or step of their own, so a task cannot update without that agreement; when `update` returns

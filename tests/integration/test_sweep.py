@@ -20,17 +20,18 @@ from tests.helpers import REPO, read_jsonl, run_cli, wandb_segments
 
 pytestmark = pytest.mark.integration
 
-STEPS = 600  # ~15 s of training a trial: a killed driver's trials (which stop ~1 s after it) die mid-run
-EVERY = 200
+STEPS = 400  # ~10 s of training a trial: a killed driver's trials (which stop ~1 s after it) die mid-run
+EVERY = 100
+RUNG = 2 * EVERY  # ASHA's one rung
 SWEEP = {
-    # a grid run one at a time; ASHA's one rung is at step 400, two evaluations in: a trial has committed
-    # its step-200 checkpoint ~5 s before ASHA can stop it, so the driver is killed in the second trial
+    # a grid run one at a time; ASHA's one rung is at step 200, two evaluations in: a trial has committed
+    # its step-100 checkpoint ~2.5 s before ASHA can stop it, so the driver is killed in the second trial
     # whatever its accuracy (with the rung at the first checkpoint, a trial ASHA stops there leaves no
     # moment to kill it mid-run: the suite once missed it on a faster machine)
     "parameters": {"optim.lr": {"grid": [3.0e-3, 1.0e-2, 1.0e-5]}, "model.args.dropout": {"choice": [0.2]}},
     "search": "grid",
     "max_concurrent": 1,
-    "scheduler": {"asha": {"grace_steps": 2 * EVERY, "reduction_factor": 2}},
+    "scheduler": {"asha": {"grace_steps": RUNG, "reduction_factor": 2}},
 }
 
 
@@ -50,8 +51,8 @@ def last_step(run_dir):
 
 
 def interrupted_point(sweep_dir):
-    """One trial finished, another running with a committed checkpoint and steps still to go: the
-    moment to kill the driver."""
+    """One trial finished, another running with a committed checkpoint, before ASHA's rung: the moment
+    to kill the driver."""
     state = trials(sweep_dir)
     finished = [t for t in state if t["status"] in ("done", "stopped")]
     midway = [
@@ -59,7 +60,7 @@ def interrupted_point(sweep_dir):
         for t in state
         if t["status"] == "running"
         and any((sweep_dir / t["id"] / "checkpoints").glob("step_*"))
-        and last_step(sweep_dir / t["id"]) < STEPS - EVERY
+        and last_step(sweep_dir / t["id"]) < RUNG
     ]
     return bool(finished and midway)
 
@@ -121,7 +122,7 @@ def test_a_killed_sweep_continues_its_trials_and_ends_with_every_trial_ranked(
     # the resumed trial_0001 passes the empty rung and trial_0002 (lr 1e-5) stops behind it
     assert interrupted == ["trial_0001"], before
     stopped = [i for i, t in state.items() if t["status"] == "stopped"]
-    assert stopped == ["trial_0002"] and state["trial_0002"]["step"] == 2 * EVERY, state
+    assert stopped == ["trial_0002"] and state["trial_0002"]["step"] == RUNG, state
     for i in finished:  # kept, not run again
         assert state[i] == before[i]
         assert len(events(sweep_dir / i, "start")) == starts[i]

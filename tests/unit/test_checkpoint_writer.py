@@ -96,3 +96,46 @@ def test_writes_start_once_everything_is_staged(tmp_path):
         assert error is None and set(records) == {"c.pt"}
     finally:
         writer.close()
+
+
+def test_deferred_tensors_are_copied_in_the_background_and_hold_the_state_at_submit_time(tmp_path):
+    writer = BackgroundWriter()
+    weights = torch.arange(2_000_000, dtype=torch.float32)  # changed only by "the optimizer step"
+    stats = torch.zeros(4)  # a buffer: changed by the next forward, before the step
+    deferred = frozenset({weights.untyped_storage().data_ptr()})
+    try:
+        for round_ in range(2):
+            root = tmp_path / f"save{round_}"
+            root.mkdir()
+            writer.begin(root)
+            writer.submit({"w": weights, "w_view": weights[:3], "stats": stats}, root / "a.pt", deferred)
+            saved_weights, saved_stats = weights.clone(), stats.clone()
+            copies = writer._save.copies
+            assert [src.data_ptr() for _, src in copies] == [weights.data_ptr(), weights.data_ptr()]
+            stats.add_(1.0)  # the forward runs while the weights are still being copied
+            writer.start_writes()
+            writer.wait_staged()  # Engine.step waits here, then changes the weights
+            weights.mul_(-1.0)
+            records, error = writer.wait()
+            assert error is None and records["a.pt"].digest == xxh3_128_file(root / "a.pt")
+            loaded = torch.load(root / "a.pt", weights_only=True)
+            assert torch.equal(loaded["w"], saved_weights) and torch.equal(loaded["stats"], saved_stats)
+            assert torch.equal(loaded["w_view"], saved_weights[:3])
+    finally:
+        writer.close()
+
+
+def test_done_and_wait_cover_the_deferred_copies(tmp_path):
+    writer = BackgroundWriter()
+    big = torch.ones(8_000_000)
+    try:
+        writer.begin(tmp_path)
+        writer.submit({"w": big}, tmp_path / "a.pt", frozenset({big.untyped_storage().data_ptr()}))
+        writer.start_writes()
+        # copies still running (or writes queued after them) read as not done; wait() covers both
+        records, error = writer.wait()
+        assert error is None and set(records) == {"a.pt"}
+        assert torch.equal(torch.load(tmp_path / "a.pt")["w"], big)
+        assert writer.done()
+    finally:
+        writer.close()
