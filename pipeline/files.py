@@ -49,13 +49,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(root: Path, skip: set[Path] | frozenset[Path] = frozenset()) -> None:
     """fsync every file under root (but those in `skip`, already synced), then every directory, so a
     later rename commits complete data."""
     for path in sorted(root.rglob("*")):
         if path.is_file() and path not in skip:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
     for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
         fsync_dir(directory)
 

@@ -34,12 +34,16 @@ from typing import Any, Protocol
 
 from pipeline.checkpoint.writer import HASH, BackgroundWriter
 from pipeline.config import ConfigError
-from pipeline.files import confined, fsync_dir, fsync_tree, plain, sha256_file, xxh3_128_file
+from pipeline.files import confined, fsync_dir, fsync_file, fsync_tree, plain, sha256_file, xxh3_128_file
 
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "trainer_state.json"
 ENGINE_TAG = "state"
 FORMAT = "pipeline-checkpoint/1"
+# The small files rank 0 writes itself during a save (ours, and what DeepSpeed's save_checkpoint writes
+# on global rank 0 only: the tag pointer and its recovery scripts), complete when `start` returns. Any
+# other file without a writer's record is hashed and fsynced by `finish`, as before.
+RANK0_SMALL_FILES = frozenset({STATE_FILE, "latest", "zero_to_fp32.py", "zero_to_torch.py"})
 # The content hashes a MANIFEST entry may carry, by field name: new commits write HASH, older ones have
 # "sha256". Still format /1: readers before issue 19 refuse a new entry (no "sha256") as corrupt.
 HASHES: dict[str, Callable[[Path], str]] = {HASH: xxh3_128_file, "sha256": sha256_file}
@@ -108,13 +112,15 @@ def start(
     writer.begin(tmp)
     try:
         try:
+            if is_rank0:
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             for engine in engines:
                 engine.save(tmp / "engines" / engine.name, ENGINE_TAG, writer)
                 pending.engine_names.append(engine.name)
+            if is_rank0:  # hashed and fsynced in the background instead of in `finish`
+                writer.seal([p for p in sorted(tmp.rglob("*")) if p.name in RANK0_SMALL_FILES])
         finally:
             writer.start_writes()  # only now: writes beside the staging copies slow them (writer.py)
-        if is_rank0:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if before_commit is not None:
             before_commit()
     except OSError as e:
@@ -160,7 +166,13 @@ def finish(
                 "files": _file_table(tmp, hashed),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            fsync_tree(tmp, skip={tmp / k for k in hashed})  # the writers fsynced their own files
+            if set(manifest["files"]) <= set(hashed):
+                # every file and its directory entry were fsynced by the writers (and rank 0's seal):
+                # only the MANIFEST and its entry are new
+                fsync_file(tmp / MANIFEST)
+                fsync_dir(tmp)
+            else:  # files nobody hashed (read by _file_table just now): fsync them and every directory
+                fsync_tree(tmp, skip={tmp / k for k in hashed})
             point("after_manifest")
             old = final.parent / f"{OLD_PREFIX}{final.name}"
             if final.exists():  # the same step saved again: the old commit moves aside, never deleted

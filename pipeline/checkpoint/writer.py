@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.files import xxh3_128
+from pipeline.files import fsync_dir, xxh3_128
 
 # The MANIFEST field of the digests this writer computes (commit.py also reads the older "sha256").
 HASH = "xxh3_128"
@@ -52,8 +52,11 @@ class _Save:
     root: Path
     staged: list[tuple[Any, Path, str]] = field(default_factory=list)  # until start_writes()
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # deferred (dst, src)
-    copied: Future | None = None  # the staging thread's copies, then the writes' queueing
+    copied: Future | None = None  # the staging thread's job: copies, writes queued, files sealed
+    copies_done: threading.Event = field(default_factory=threading.Event)
     gpu_copies: Any = None  # a CUDA event after the device-to-host copies
+    sealing: list[Path] | None = None  # this process's own small files (see `seal`)
+    sealed: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (bytes, mtime_ns) sealed
     futures: list[Future] = field(default_factory=list)
     records: dict[str, FileRecord] = field(default_factory=dict)
     error: BaseException | None = None
@@ -101,26 +104,38 @@ class BackgroundWriter:
         every engine's save): a write running beside the staging copies competes for the same cores
         and memory bandwidth (on 2 cores it made staging 2-3x slower, `pipeline bench checkpoint`)."""
         save = self._save
-        if save is None or not save.staged or save.copied is not None:
+        if save is None or save.copied is not None or not (save.staged or save.sealing is not None):
             return
         files, copies = list(save.staged), list(save.copies)
         save.staged.clear()
         save.copies.clear()
-        save.copied = self._stager.submit(self._copy_then_write, copies, files, save)
+        save.copied = self._stager.submit(self._background, copies, files, save)
+
+    def seal(self, paths: list[Path]) -> None:
+        """Hash and fsync `paths` in the background, once this save's own writes are done, then fsync
+        every directory under root (their entries: the commit's rename must not name a directory
+        whose files may vanish in a crash). For small files this process has finished writing itself
+        (the state file, DeepSpeed's metadata): otherwise the commit would read, hash and fsync them on
+        the loop's time. Call before `start_writes`. A file changed after it was sealed is dropped from
+        the records (`wait`), so the commit hashes it again."""
+        assert self._save is not None and self._save.copied is None, "seal() before start_writes()"
+        self._save.sealing = list(paths)
 
     def wait_staged(self) -> None:
         """Block until the deferred copies of the save in flight are done: from then on the loop may
         change every tensor it saved. Called before each optimizer step (Engine.step)."""
         save = self._save
         if save is not None and save.copied is not None:
-            save.copied.result()  # _copy_then_write records errors itself and never raises
+            save.copies_done.wait()  # set by _background, also when it fails
 
     def done(self) -> bool:
         """Whether every queued file is written (or failed). Local: callers agree across ranks."""
         save = self._save
         if save is None:
             return True
-        if save.staged or (save.copied is not None and not save.copied.done()):
+        if save.staged or (save.sealing is not None and save.copied is None):
+            return False
+        if save.copied is not None and not save.copied.done():
             return False
         return all(f.done() for f in save.futures)
 
@@ -130,10 +145,19 @@ class BackgroundWriter:
         if save is None:
             return {}, None
         self.start_writes()  # files still staged (no start_writes yet) are written now
-        self.wait_staged()  # its writes are queued once the copies are done
+        if save.copied is not None:
+            save.copied.result()  # its writes are queued once the copies are done; never raises
         for future in save.futures:
             future.result()  # _write records errors itself and never raises
         self._save = None
+        for key, (size, mtime_ns) in save.sealed.items():
+            try:
+                st = os.stat(save.root / key)
+                changed = (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+            except OSError:
+                changed = True
+            if changed:  # written again after it was sealed: the commit reads it itself
+                save.records.pop(key, None)
         return save.records, save.error
 
     def later(self, fn: Any, *args: Any) -> None:
@@ -152,9 +176,11 @@ class BackgroundWriter:
         self._stager.shutdown(wait=True)  # first: it may still queue writes
         self._writer.shutdown(wait=True)
 
-    def _copy_then_write(
+    def _background(
         self, copies: list[tuple[torch.Tensor, torch.Tensor]], files: list[tuple[Any, Path, str]], save: _Save
     ) -> None:
+        """The staging thread's part of a save: the deferred copies, then the writes queued, then (with
+        files to seal) waiting for them and sealing. Records errors in `save`, never raises."""
         try:
             for dst, src in copies:
                 dst.copy_(src)
@@ -163,8 +189,28 @@ class BackgroundWriter:
         except BaseException as e:
             save.error = save.error or _detached(e, save.root)
             return
+        finally:
+            save.copies_done.set()
         for staged, path, key in files:
             save.futures.append(self._writer.submit(self._write, staged, path, key, save))
+        if save.sealing is None:
+            return
+        for future in save.futures:
+            future.result()
+        try:
+            for path in save.sealing:
+                key = str(path.relative_to(save.root))
+                st = os.stat(path)
+                hasher = xxh3_128()
+                with open(path, "rb") as f:
+                    hasher.update(f.read())
+                    os.fsync(f.fileno())
+                save.records[key] = FileRecord(st.st_size, hasher.hexdigest())
+                save.sealed[key] = (st.st_size, st.st_mtime_ns)
+            for directory, _, _ in os.walk(save.root):
+                fsync_dir(Path(directory))
+        except OSError as e:
+            save.error = save.error or _detached(e, path)
 
     def _write(self, staged: Any, path: Path, key: str, save: _Save) -> None:
         if save.error is not None:
@@ -195,6 +241,7 @@ class BackgroundWriter:
                 self._crc32(off=False)
             written = time.perf_counter()
             os.fsync(fd)
+            fsync_dir(path.parent)  # its entry too: the commit fsyncs only the directories it changes
             synced = time.perf_counter()
         finally:
             os.close(fd)  # also on errors: a deleted partial file (disk full) gives its space back

@@ -22,22 +22,27 @@ class Engine:
 
     name = "model"
 
+    def __init__(self, extra_file: str | None = None) -> None:
+        self.extra_file = extra_file
+
     def save(self, directory: Path, tag: str, writer: BackgroundWriter) -> None:
         (directory / tag).mkdir(parents=True)
         writer.submit(
             {"w": torch.arange(100_000, dtype=torch.float32), "step": 3}, directory / tag / "weights.pt"
         )
+        (directory / "latest").write_text(tag)  # as DeepSpeed does on rank 0: sealed in the background
+        if self.extra_file:  # a file of DeepSpeed's we do not know: hashed and fsynced by the commit
+            (directory / tag / self.extra_file).write_text("metadata")
 
 
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
+def commit_one(root: Path, engine: Engine) -> Path:
     """A checkpoint committed by the real protocol (one process: agreement and gather are trivial)."""
     writer = BackgroundWriter()
     try:
         pending = commit.start(
-            [Engine()],
+            [engine],
             {"step": 3},
-            tmp_path,
+            root,
             3,
             is_rank0=True,
             all_ok=lambda ok: ok,
@@ -49,6 +54,11 @@ def ckpt(tmp_path: Path) -> Path:
         )
     finally:
         writer.close()
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    return commit_one(tmp_path, Engine())
 
 
 def rewrite_manifest(ckpt: Path, entry_of) -> None:
@@ -66,10 +76,17 @@ def flip_a_byte(path: Path, at: int = -100) -> None:
 def test_new_manifests_carry_xxh3_128_of_every_file_and_verify(ckpt):
     files = commit.verify(ckpt)["files"]
     assert HASH == "xxh3_128"
-    assert set(files) == {ENGINE_FILE, commit.STATE_FILE}
-    for rel, entry in files.items():  # the engine file hashed while written, the state file after
+    assert set(files) == {ENGINE_FILE, commit.STATE_FILE, "engines/model/latest"}
+    for rel, entry in files.items():  # the engine file hashed while written, the small ones sealed
         assert entry == {"bytes": (ckpt / rel).stat().st_size, "xxh3_128": xxh3_128_file(ckpt / rel)}
     assert torch.equal(torch.load(ckpt / ENGINE_FILE)["w"], torch.arange(100_000, dtype=torch.float32))
+
+
+def test_a_file_neither_written_nor_sealed_by_the_writer_is_hashed_by_the_commit(tmp_path):
+    ckpt = commit_one(tmp_path, Engine(extra_file="unknown.json"))
+    files = commit.verify(ckpt)["files"]
+    rel = f"engines/model/{commit.ENGINE_TAG}/unknown.json"
+    assert files[rel] == {"bytes": 8, "xxh3_128": xxh3_128_file(ckpt / rel)}
 
 
 @pytest.mark.parametrize("rel", [ENGINE_FILE, commit.STATE_FILE])

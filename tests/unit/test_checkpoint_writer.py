@@ -139,3 +139,24 @@ def test_done_and_wait_cover_the_deferred_copies(tmp_path):
         assert writer.done()
     finally:
         writer.close()
+
+
+def test_sealed_files_are_hashed_in_the_background_and_dropped_if_changed_after(tmp_path):
+    writer = BackgroundWriter()
+    (tmp_path / "sub").mkdir()
+    latest, state = tmp_path / "latest", tmp_path / "sub" / "trainer_state.json"
+    latest.write_text("state")
+    state.write_text("{}")
+    try:
+        writer.begin(tmp_path)
+        writer.submit({"w": torch.ones(10)}, tmp_path / "sub" / "w.pt")
+        writer.seal([latest, state])
+        assert not writer.done()
+        writer.start_writes()
+        writer._save.copied.result()  # written, then sealed
+        state.write_text('{"step": 1}')  # changed after it was sealed: the commit must read it again
+        records, error = writer.wait()
+        assert error is None and set(records) == {"latest", "sub/w.pt"}
+        assert records["latest"].digest == xxh3_128_file(latest) and records["latest"].bytes == 5
+    finally:
+        writer.close()
