@@ -32,8 +32,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# The unit tier runs on every core (pytest-xdist: its tests are independent, each in its own tmp dir);
+# the tiers with Ray clusters, Slurm jobs and 2-process groups run one test at a time (each uses every
+# core itself, and their timeouts assume it). Both always run; the target fails if either failed.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n auto tests/unit $(PYTEST_ARGS); unit=$$?; \
+	$(BIN)/pytest --ignore=tests/unit $(PYTEST_ARGS); rest=$$?; \
+	test $$unit -eq 0 && test $$rest -eq 0
 
 format: $(STAMP)
 	$(BIN)/ruff format .
