@@ -226,7 +226,9 @@ class CheckpointConfig(Section):
         default_factory=dict, description="fsspec options for an s3:// dir (endpoint_url, key, secret...)"
     )
     async_save: bool = Field(
-        True, description="write checkpoint files in the background; the loop waits only to stage tensors"
+        True,
+        description="write checkpoint files in the background; weights and optimizer state are copied "
+        "during the next forward and backward, the loop waits only to stage module buffers",
     )
     max_commit_lag_steps: int = Field(
         1,
