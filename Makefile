@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # --durations: the slowest tests in the CI log (the suite has a time budget, see README's Tests)
 PYTEST_ARGS ?= --durations=40
+# TIERS: a marker expression that narrows every part, e.g. 'not integration and not cluster and not slurm'
+# (a -m in PYTEST_ARGS would replace the parts' own -m: the serial tests would run twice)
+TIERS ?=
 
 .PHONY: install smoke test lint format clean
 
@@ -32,13 +35,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# The unit tier runs on every core (pytest-xdist: its tests are independent, each in its own tmp dir);
-# the tiers with Ray clusters, Slurm jobs and 2-process groups run one test at a time (each uses every
-# core itself, and their timeouts assume it). Both always run; the target fails if either failed.
+# The unit tier runs on every core (pytest-xdist: its tests are independent, each in its own tmp dir).
+# The tiers with Ray clusters, Slurm jobs and 2-process groups run two at a time: a third to half of
+# such a test's wall time the CPUs sit idle (Ray and Slurm start-up, polling, injected hangs), which the
+# other fills. `--dist loadfile` keeps a file's tests on one worker, one at a time: the 2-node Ray
+# cluster of tests/cluster and the Slurm jobs of tests/slurm/test_slurm.py are one per module (xdist's
+# `loadgroup` would be finer, but its groups are lost under pytest 9.2: it renames items by `_nodeid`).
+# The tests marked `serial` (wall-time bounds) run alone at the end. All three always run; the target
+# fails if any failed.
 test: lint
-	$(BIN)/pytest -n auto tests/unit $(PYTEST_ARGS); unit=$$?; \
-	$(BIN)/pytest --ignore=tests/unit $(PYTEST_ARGS); rest=$$?; \
-	test $$unit -eq 0 && test $$rest -eq 0
+	$(BIN)/pytest -n auto tests/unit $(if $(TIERS),-m "$(TIERS)") $(PYTEST_ARGS); unit=$$?; \
+	$(BIN)/pytest -n 2 --dist loadfile -m "not serial$(if $(TIERS), and ($(TIERS)))" --ignore=tests/unit \
+		$(PYTEST_ARGS); rest=$$?; \
+	$(BIN)/pytest -m "serial$(if $(TIERS), and ($(TIERS)))" --ignore=tests/unit $(PYTEST_ARGS); serial=$$?; \
+	for code in $$unit $$rest $$serial; do test $$code -eq 0 || test $$code -eq 5 || exit 1; done  # 5: TIERS left none
 
 format: $(STAMP)
 	$(BIN)/ruff format .

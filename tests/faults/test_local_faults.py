@@ -185,6 +185,7 @@ def test_world_size_change_2_to_1_to_2(digits_dir, tmp_path, stage):
     assert len(keys) == 8 * 64 + 4 * 32 + 4 * 64 == len(set(keys))
 
 
+@pytest.mark.serial  # asserts a wall-time bound
 @pytest.mark.timeout(300)
 def test_a_hung_worker_fails_the_run_within_the_collective_timeout(digits_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULTS", "hang@6:1")  # rank 1 stops answering at step 6

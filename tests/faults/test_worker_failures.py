@@ -86,6 +86,7 @@ def test_a_worker_that_fails_every_attempt_exits_1_naming_rank_cause_and_resume_
     assert len(events(run_dir, "start")) == 2
 
 
+@pytest.mark.serial  # asserts a wall-time bound
 @pytest.mark.timeout(600)
 def test_a_hung_worker_fails_the_ray_run_within_the_collective_timeout(digits_dir, tmp_path):
     run_dir = tmp_path / "run"

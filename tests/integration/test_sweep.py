@@ -65,6 +65,7 @@ def interrupted_point(sweep_dir):
     return bool(finished and midway)
 
 
+@pytest.mark.serial  # kills the driver inside a window between a checkpoint and an ASHA rung
 @pytest.mark.timeout(900)
 def test_a_killed_sweep_continues_its_trials_and_ends_with_every_trial_ranked(
     digits_dir, tmp_path, monkeypatch

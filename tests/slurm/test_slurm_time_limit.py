@@ -35,6 +35,7 @@ def slurm_time(job_id, field):
     return datetime.fromisoformat(job_field(job_id, field))
 
 
+@pytest.mark.serial  # the requeued segment must finish within its own 2-minute time limit
 @pytest.mark.timeout(540)  # measured 3.0 min; 4.3 min on 2 cores at load average 15
 def test_the_time_limit_signal_commits_requeues_and_the_next_segment_finishes(digits_dir, tmp_path):
     run_dir = tmp_path / "run"
