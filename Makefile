@@ -41,7 +41,7 @@ lint: $(STAMP)
 # other fills. `--dist loadfile` keeps a file's tests on one worker, one at a time: the 2-node Ray
 # cluster of tests/cluster and the Slurm jobs of tests/slurm/test_slurm.py are one per module (xdist's
 # `loadgroup` would be finer, but its groups are lost under pytest 9.2: it renames items by `_nodeid`).
-# The tests marked `serial` (wall-time bounds) run alone at the end. All three always run; the target
+# The tests marked `serial` (wall-time bounds, timed kills) run alone at the end. All three always run; the target
 # fails if any failed.
 test: lint
 	$(BIN)/pytest -n auto tests/unit $(if $(TIERS),-m "$(TIERS)") $(PYTEST_ARGS); unit=$$?; \
